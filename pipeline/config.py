@@ -1,0 +1,315 @@
+"""Typed run configuration: YAML files under configs/ validated into pydantic sections.
+
+Why pydantic with `extra="forbid"`: a typo (`trian.lr`) or a bad value (`method.name: ecll`) must
+fail before any work starts, naming the key, the value and what is allowed, with close-match
+suggestions. `--set a.b=value` overrides any key (the value is parsed as YAML, so numbers, lists
+and booleans work). Every run writes its resolved config (`save_config`) and logs it flattened.
+
+Method-dependent defaults (BCL's beta = 0.35, ECL's lam = 0.5, ...) are left as None here and
+filled by `resolve_method_defaults`, so the resolved config shows the values actually used.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data_prep import atomic_write_text
+
+from .errors import ConfigError
+
+__all__ = [
+    "PrepareConfig", "AugmentConfig", "DataConfig", "ModelConfig", "MethodConfig", "TrainConfig",
+    "EvalConfig", "TrackingConfig", "RunConfig", "load_config", "parse_overrides", "save_config",
+    "flatten_config", "public_config", "resolve_method_defaults", "METHOD_DEFAULTS",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrepareConfig(_Section):
+    """How `ecl prepare` builds a cache (dermoscopy and CT)."""
+
+    short_side: int = Field(256, ge=16, description="resize so the shorter side has this many pixels (aspect kept)")
+    color_constancy: bool = Field(False, description="shades-of-gray colour constancy, Minkowski p = 6")
+    train_fraction: float = Field(0.6, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    split_seed: int = 0
+    split_file: str | None = Field(None, description="CSV (image, split) to use instead of a generated split")
+    on_error: Literal["stop", "skip"] = "stop"
+    workers: int | None = Field(None, ge=1, description="processes; None = all CPU cores")
+    # CT
+    label_key: Literal["patient", "study", "series"] = "patient"
+    spacing_mm: float = Field(1.0, gt=0, description="isotropic resampling spacing for CT")
+    crop_mm: float = Field(48.0, gt=0, description="edge of the cube cropped around each lesion centre")
+    ct_image_size: int = Field(64, ge=16, description="side of the 2D CT inputs in pixels")
+    channels: Literal["windows", "adjacent", "orthogonal"] = "windows"
+    slices_per_lesion: int = Field(3, ge=1, description="axial slices sampled through each lesion")
+    salt: str | None = Field(None, description="pseudonym salt; else env ECL_PSEUDONYM_SALT; never written to outputs")
+    allow_non_ct: bool = False
+
+
+class AugmentConfig(_Section):
+    """Albumentations settings of the three training views (ecl-method.md, 'Views')."""
+
+    crop_scale_min: float = Field(0.35, gt=0, le=1, description="random resized crop: smallest area fraction")
+    hflip: bool = True
+    vflip: bool = Field(True, description="dermoscopy has no up/down; turn off for CT")
+    color_jitter: float = Field(0.4, ge=0, le=1)
+    color_jitter_p: float = Field(0.8, ge=0, le=1)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    strong_ops: int = Field(2, ge=0, le=6, description="RandAugment-like: ops per image on view 0")
+    strong_magnitude: int = Field(9, ge=0, le=30)
+
+
+class DataConfig(_Section):
+    cache: str = Field("", description="prepared cache folder (from `ecl prepare`)")
+    image_size: int = Field(224, ge=16)
+    num_workers: int = Field(2, ge=0)
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(_Section):
+    backbone: str = "resnet50"
+    pretrained_file: str | None = Field(None, description="local weights file; never downloaded")
+    proj_dim: int | None = Field(None, ge=2, description="projection size d_z; None = backbone width d")
+    prototype_head: Literal["linear", "mlp"] | None = Field(None, description="None = the method's default")
+    classifier_scale: float = Field(30.0, gt=0)
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+
+
+MethodName = Literal["ce", "la", "supcon", "bcl", "ecl", "focal", "weighted_ce"]
+
+
+class MethodConfig(_Section):
+    name: MethodName = "ecl"
+    temperature: float = Field(0.07, gt=0)
+    la_tau: float = Field(1.0, ge=0)
+    mix: Literal["ecl", "bcl"] | None = None
+    lam: float | None = Field(None, ge=0, le=1)
+    alignment: Literal["duality", "gram"] | None = None
+    alpha: float | None = Field(None, ge=0)
+    beta: float | None = Field(None, ge=0)
+    gamma: float | None = Field(None, ge=0)
+    loss_weight_normalisation: Literal["first_epoch", "none"] | None = None
+    focal_gamma: float = Field(2.0, ge=0)
+
+
+# The defaults ecl-method.md gives per method; keys absent here stay as typed above.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ce": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
+    "la": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
+    "focal": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
+    "weighted_ce": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
+    "supcon": dict(alpha=1.0, beta=0.35, gamma=0.0, loss_weight_normalisation="none"),
+    "bcl": dict(mix="bcl", alpha=1.0, beta=0.35, gamma=0.0, loss_weight_normalisation="none", prototype_head="mlp"),
+    "ecl": dict(mix="ecl", lam=0.5, alignment="duality", alpha=0.7, beta=0.3, gamma=0.5,
+                loss_weight_normalisation="first_epoch", prototype_head="linear"),
+}
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=2)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: int = Field(2, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)
+    sampler: Literal["random", "class_balanced", "sqrt"] = "random"
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, none on CPU")
+    channels_last: bool | None = Field(None, description="None = on for CUDA")
+    compile: bool = False
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs"
+    run_name: str | None = None
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke tests)")
+    init_from: str | None = Field(None, description="checkpoint path or MLflow run/model URI to fine-tune from")
+
+
+class EvalConfig(_Section):
+    split: Literal["train", "val", "test"] = "test"
+    n_bootstrap: int = Field(1000, ge=100)
+    bootstrap_seed: int = 0
+    n_bins: int = Field(15, ge=2)
+    temperature_scaling: bool = True
+    min_subgroup_size: int = Field(30, ge=1, description="smaller subgroups are flagged as too small")
+    batch_size: int = Field(128, ge=1)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="None = env MLFLOW_TRACKING_URI, else sqlite in the output folder")
+    experiment: str = "ecl"
+    registered_model: str | None = Field(None, description="register the final model under this name")
+
+
+class RunConfig(_Section):
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = RunConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _describe(err: dict, data: dict) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(loc[-1], allowed, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr('.'.join(loc[:-1] + (c,))) for c in close)}?" if close else ""
+        return f"unknown key '{key}'.{hint} Allowed keys here: {', '.join(allowed)}."
+    value = err.get("input")
+    msg = err["msg"]
+    if err["type"] == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        options = [o.strip().strip("'") for o in expected.replace(" or ", ",").split(",") if o.strip()]
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{key}: {value!r} is not allowed; choose one of {expected}.{hint}"
+    return f"{key}: {value!r} is invalid: {msg}."
+
+
+def _validate(data: dict, source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e, data) for e in exc.errors()]
+        raise ConfigError(f"{source}: " + " ".join(lines)) from None
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """Turn ['train.lr=0.1', 'model.backbone=resnet18'] into a nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=0.05")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: the key is empty")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_method_defaults(cfg: RunConfig) -> RunConfig:
+    """Fill the None fields of `method` and `model.prototype_head` with the method's defaults."""
+    defaults = METHOD_DEFAULTS[cfg.method.name]
+    data = cfg.model_dump()
+    for key, value in defaults.items():
+        if key == "prototype_head":
+            if data["model"]["prototype_head"] is None:
+                data["model"]["prototype_head"] = value
+        elif data["method"].get(key) is None:
+            data["method"][key] = value
+    # keys every method needs concrete values for
+    fallback = dict(mix="ecl", lam=0.5, alignment="duality", loss_weight_normalisation="none")
+    for key, value in fallback.items():
+        if data["method"].get(key) is None:
+            data["method"][key] = value
+    if data["model"]["prototype_head"] is None:
+        data["model"]["prototype_head"] = "linear"
+    return RunConfig.model_validate(data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Load YAML (optional), apply `base` then `--set` overrides, validate and resolve defaults.
+
+    Raises:
+        ConfigError: unreadable file, unknown key (with suggestions) or invalid value.
+    """
+    data: dict = dict(base or {})
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Pass a YAML file from configs/, e.g. configs/demo_dermoscopy.yaml.")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, method, train, ...)")
+        data = _merge(data, loaded)
+    over = parse_overrides(overrides)
+    if over:
+        data = _merge(data, over)
+        source = f"{source} with --set {' '.join(overrides or [])}"
+    return resolve_method_defaults(_validate(data, source))
+
+
+REDACTED = "<redacted>"
+
+
+def public_config(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data, with secrets (the pseudonym salt) redacted.
+
+    Why: configs are saved beside every run and logged to MLflow; the salt must never leave
+    the user's own config or environment, or pseudonyms could be reversed by brute force.
+    """
+    data = cfg.model_dump(mode="json")
+    if data["prepare"].get("salt"):
+        data["prepare"]["salt"] = REDACTED
+    return data
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (secrets redacted) as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(public_config(cfg), sort_keys=False))
+
+
+def flatten_config(cfg: RunConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}, for MLflow params."""
+    data = public_config(cfg) if isinstance(cfg, RunConfig) else cfg
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out

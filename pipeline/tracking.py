@@ -1,0 +1,184 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Why one module: the store location rule (config, then MLFLOW_TRACKING_URI, then a sqlite file
+inside the output folder), the artifact location next to it, and the metric naming
+(`<split>/<name>`) live in one place, and nothing else needs to know MLflow's API.
+Telemetry is switched off: nothing may reach the network at run time.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+__all__ = [
+    "resolve_tracking_uri", "ensure_experiment", "start_run", "log_params", "log_metrics", "set_tags",
+    "log_artifact", "log_artifacts", "log_text", "log_dict", "log_torch_model", "get_run", "download_artifacts",
+    "search_runs", "sanitize_metric_name",
+]
+
+_BAD_METRIC_CHARS = re.compile(r"[^0-9A-Za-z_\-./ ]")
+
+
+def _mlflow():
+    import mlflow  # deferred: importing mlflow costs about a second
+
+    return mlflow
+
+
+def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = Path(output_dir).resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go beside the database (not into the working folder)."""
+    if uri.startswith("sqlite:///"):
+        root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+        root.mkdir(parents=True, exist_ok=True)
+        return root.resolve().as_uri()
+    return None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Point mlflow at `uri` and return the id of experiment `name`, creating it if needed."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
+@contextlib.contextmanager
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """Open (or re-open, with `run_id`) a run; yields its id. The run ends FAILED on an exception."""
+    mlflow = _mlflow()
+    exp_id = ensure_experiment(uri, experiment)
+    kwargs: dict[str, Any] = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": run_name}
+    active = mlflow.start_run(**kwargs)
+    try:
+        if tags:
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        yield active.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run()
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params (values stringified; MLflow keeps at most 6000 characters each)."""
+    mlflow = _mlflow()
+    clean = {k: ("None" if v is None else str(v))[:6000] for k, v in params.items()}
+    items = list(clean.items())
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def sanitize_metric_name(name: str) -> str:
+    """MLflow allows letters, digits, _ - . / and space; anything else becomes '_'."""
+    return _BAD_METRIC_CHARS.sub("_", name)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log finite numeric metrics; None/NaN values ("n/a") are skipped, not logged as zero."""
+    import math
+
+    mlflow = _mlflow()
+    clean = {}
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            clean[sanitize_metric_name(k)] = f
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    _mlflow().set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    _mlflow().log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
+    _mlflow().log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    _mlflow().log_text(text, artifact_file)
+
+
+def log_dict(data: dict, artifact_file: str) -> None:
+    _mlflow().log_dict(data, artifact_file)
+
+
+def log_torch_model(model: Any, input_example: Any, name: str = "model", register: str | None = None) -> str:
+    """Log a torch module with a signature inferred from `input_example` (numpy); returns its URI."""
+    mlflow = _mlflow()
+    import mlflow.pytorch  # noqa: F401
+    from mlflow.models import infer_signature
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(input_example)).cpu().numpy()
+    signature = infer_signature(input_example, out)
+    info = mlflow.pytorch.log_model(
+        model, name=name, signature=signature, input_example=input_example, registered_model_name=register
+    )
+    return info.model_uri
+
+
+def get_run(uri: str, run_id: str) -> Any:
+    """The mlflow Run (params, metrics, tags, artifact_uri)."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+
+
+def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(uri)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+
+
+def search_runs(uri: str, experiment: str) -> list[Any]:
+    """All finished runs of an experiment, newest first."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])

@@ -1,0 +1,1 @@
+"""HTML templates for the evaluation, comparison and geometry reports (package data)."""
