@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from pipeline.config import (
+    METHOD_DEFAULTS, PrepareConfig, RunConfig, flatten_config, load_config, parse_overrides, save_config,
+)
+from pipeline.errors import ConfigError
+
+
+def test_load_config_defaults_resolve_method():
+    cfg = load_config()
+    assert cfg.method.name == "ecl"
+    assert (cfg.method.alpha, cfg.method.beta, cfg.method.gamma) == (0.7, 0.3, 0.5)
+    assert cfg.method.mix == "ecl" and cfg.method.lam == 0.5 and cfg.method.alignment == "duality"
+    assert cfg.method.loss_weight_normalisation == "first_epoch"
+    assert cfg.model.prototype_head == "linear"
+
+
+def test_load_config_bcl_defaults():
+    cfg = load_config(overrides=["method.name=bcl"])
+    assert cfg.method.mix == "bcl" and cfg.method.beta == 0.35 and cfg.method.gamma == 0.0
+    assert cfg.model.prototype_head == "mlp"
+
+
+def test_load_config_explicit_value_beats_method_default():
+    cfg = load_config(overrides=["method.name=bcl", "method.beta=0.5", "model.prototype_head=linear"])
+    assert cfg.method.beta == 0.5 and cfg.model.prototype_head == "linear"
+
+
+def test_parse_overrides_types_and_nesting():
+    assert parse_overrides(["train.lr=0.1", "data.augment.vflip=false", "model.backbone=resnet18"]) == {
+        "train": {"lr": 0.1}, "data": {"augment": {"vflip": False}}, "model": {"backbone": "resnet18"}}
+
+
+def test_load_config_typo_in_section_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'\. Did you mean 'train'"):
+        load_config(overrides=["trian.lr=1"])
+
+
+def test_load_config_typo_in_key_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.backbon'\. Did you mean 'model\.backbone'\?"):
+        load_config(overrides=["model.backbon=resnet18"])
+
+
+def test_load_config_bad_choice_lists_allowed():
+    with pytest.raises(ConfigError, match=r"method\.name: 'ecll' is not allowed; choose one of .*'ecl'.*Did you mean 'ecl'\?"):
+        load_config(overrides=["method.name=ecll"])
+
+
+def test_load_config_bad_value_names_key():
+    with pytest.raises(ConfigError, match=r"train\.lr: -1 is invalid"):
+        load_config(overrides=["train.lr=-1"])
+
+
+def test_load_config_typo_in_yaml_file_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key 'train\.epoch'\. Did you mean 'train\.epochs'"):
+        load_config(path)
+
+
+def test_load_config_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/config.yaml")
+
+
+def test_set_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(overrides=["train.lr"])
+
+
+def test_save_config_roundtrip_and_salt_redacted(tmp_path):
+    cfg = load_config(overrides=["prepare.salt=s3cret", "train.epochs=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cret" not in text
+    again = RunConfig.model_validate(yaml.safe_load(text))
+    assert again.train.epochs == 3
+    flat = flatten_config(cfg)
+    assert flat["train.epochs"] == 3 and "s3cret" not in str(flat)
+
+
+def test_prepare_options_mirror_prepare_config():
+    from data_prep import PrepareOptions
+
+    assert {f.name for f in dataclasses.fields(PrepareOptions)} == set(PrepareConfig.model_fields)
+    assert PrepareOptions(**PrepareConfig().model_dump()) == PrepareOptions()
+
+
+def test_method_defaults_cover_every_method():
+    from typing import get_args
+
+    from pipeline.config import MethodName
+
+    assert set(METHOD_DEFAULTS) == set(get_args(MethodName))

@@ -1,0 +1,141 @@
+"""Stratified, vectorised bootstrap intervals and paired differences."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import metrics as M
+from pipeline import stats as S
+
+
+def _random_probs(n: int, c: int, seed: int, signal: float = 1.5, weights=None):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(c, size=n, p=weights)
+    z = rng.normal(size=(n, c))
+    z[np.arange(n), y] += signal
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    return p, y
+
+
+W5 = [0.5, 0.25, 0.15, 0.07, 0.03]
+
+
+def test_bootstrap_ci_covers_point_and_is_deterministic():
+    p, y = _random_probs(1500, 5, seed=0, weights=W5)
+    a = S.bootstrap_ci(p, y, n_boot=1000, seed=7, class_names=list("ABCDE"))
+    b = S.bootstrap_ci(p, y, n_boot=1000, seed=7, class_names=list("ABCDE"))
+    assert a == b
+    bacc = a["balanced_accuracy"]
+    assert bacc["point"] == pytest.approx(M.balanced_accuracy(p, y))
+    assert bacc["lo"] < bacc["point"] < bacc["hi"]
+    assert a["accuracy"]["lo"] < M.accuracy(p, y) < a["accuracy"]["hi"]
+    recall = M.per_class_recall(p, y)
+    for c, name in enumerate("ABCDE"):
+        r = a["recall"][name]
+        assert r["point"] == pytest.approx(recall[c])
+        assert r["lo"] <= r["point"] <= r["hi"]
+    other = S.bootstrap_ci(p, y, n_boot=1000, seed=8)
+    assert other["balanced_accuracy"] != bacc
+    assert set(other["recall"]) == {"0", "1", "2", "3", "4"}
+
+
+def test_bootstrap_ci_width_matches_binomial_theory():
+    # stratified resampling: var(bacc) = sum_c r_c (1 - r_c) / n_c / K^2 (within-class binomial)
+    p, y = _random_probs(4000, 4, seed=1, signal=1.0, weights=[0.55, 0.25, 0.15, 0.05])
+    (rec,), present = S.stratified_bootstrap_recalls([M.predicted_labels(p) == y], y, 4, 4000, seed=0)
+    r = M.per_class_recall(p, y)
+    n_c = np.bincount(y, minlength=4)
+    expected_sd = np.sqrt(np.sum(r * (1 - r) / n_c)) / 4
+    assert rec.mean(axis=1).std() == pytest.approx(expected_sd, rel=0.06)
+    np.testing.assert_allclose(rec.std(axis=0), np.sqrt(r * (1 - r) / n_c), rtol=0.06)
+    assert np.all(np.abs(rec.mean(axis=0) - r) <= 4 * np.sqrt(r * (1 - r) / n_c / 4000))  # unbiased
+
+
+def test_bootstrap_keeps_class_sizes_fixed():
+    # a class with one (correct) sample is in every resample: its recall is always exactly 1,
+    # and a class of 4 only takes recalls in quarters
+    p = np.array([[0.9, 0.1, 0.0]] * 3 + [[0.1, 0.9, 0.0]] + [[0.2, 0.7, 0.1]] * 4 + [[0.1, 0.1, 0.8]])
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    p[3] = [0.1, 0.9, 0.0]  # a class-0 sample predicted as 1
+    p[4:8] = [[0.1, 0.9, 0.0], [0.1, 0.9, 0.0], [0.6, 0.4, 0.0], [0.1, 0.9, 0.0]]
+    (rec,), present = S.stratified_bootstrap_recalls([M.predicted_labels(p) == y], y, 3, 500, seed=3)
+    assert present.tolist() == [0, 1, 2]
+    assert np.all(rec[:, 2] == 1.0)
+    assert np.all(np.isin(rec[:, 0] * 4, np.arange(5)))
+    ci = S.bootstrap_ci(p, y, n_boot=500, seed=3)
+    assert ci["recall"]["2"] == {"point": 1.0, "lo": 1.0, "hi": 1.0}
+
+
+def test_bootstrap_ci_absent_class_is_none():
+    p, y = _random_probs(300, 4, seed=2)
+    y[y == 1] = 0
+    ci = S.bootstrap_ci(p, y, n_boot=200, seed=0, class_names=["a", "b", "c", "d"])
+    assert ci["recall"]["b"] is None
+    assert all(ci["recall"][k] is not None for k in "acd")
+    assert ci["balanced_accuracy"]["point"] == pytest.approx(M.balanced_accuracy(p, y))
+
+
+def test_bootstrap_vectorised_10k_samples_1k_resamples_under_2s():
+    p, y = _random_probs(10_000, 8, seed=4, weights=[0.4, 0.2, 0.12, 0.1, 0.08, 0.05, 0.03, 0.02])
+    start = time.perf_counter()
+    ci = S.bootstrap_ci(p, y, n_boot=1000, seed=0)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"bootstrap took {elapsed:.2f} s"
+    assert ci["balanced_accuracy"]["hi"] - ci["balanced_accuracy"]["lo"] < 0.05
+
+
+def test_paired_difference_uses_same_resamples():
+    p, y = _random_probs(800, 3, seed=5)
+    q, _ = _random_probs(800, 3, seed=6)
+    ca, cb = M.predicted_labels(p) == y, M.predicted_labels(q) == y
+    (ra, rb), _ = S.stratified_bootstrap_recalls([ca, cb], y, 3, 300, seed=11)
+    (ra_alone,), _ = S.stratified_bootstrap_recalls([ca], y, 3, 300, seed=11)
+    (rb_alone,), _ = S.stratified_bootstrap_recalls([cb], y, 3, 300, seed=11)
+    np.testing.assert_array_equal(ra, ra_alone)
+    np.testing.assert_array_equal(rb, rb_alone)
+    diff, lo, hi, _ = S.paired_bootstrap_difference(p, q, y, n_boot=300, seed=11)
+    d_boot = ra.mean(1) - rb.mean(1)
+    assert (lo, hi) == tuple(np.quantile(d_boot, [0.025, 0.975]))
+    assert diff == pytest.approx(M.balanced_accuracy(p, y) - M.balanced_accuracy(q, y))
+
+
+def test_paired_difference_identical_models_p_one():
+    p, y = _random_probs(500, 4, seed=7)
+    assert S.paired_bootstrap_difference(p, p.copy(), y, n_boot=200) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_difference_clear_winner_small_p_and_antisymmetric():
+    p_good, y = _random_probs(2000, 4, seed=8, signal=2.5)
+    rng = np.random.default_rng(9)
+    z = rng.normal(size=p_good.shape)
+    z[np.arange(len(y)), y] += 0.8
+    p_bad = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    diff, lo, hi, pval = S.paired_bootstrap_difference(p_good, p_bad, y, n_boot=1000, seed=0)
+    assert 0 < lo < diff < hi
+    assert pval == pytest.approx(1 / 1001)
+    rdiff, rlo, rhi, rp = S.paired_bootstrap_difference(p_bad, p_good, y, n_boot=1000, seed=0)
+    assert rdiff == pytest.approx(-diff) and rlo == pytest.approx(-hi) and rhi == pytest.approx(-lo)
+    assert rp == pval
+
+
+def test_paired_difference_small_difference_not_significant():
+    p, y = _random_probs(1000, 3, seed=10)
+    q = p.copy()
+    wrong = np.flatnonzero(M.predicted_labels(p) != y)[:1]  # fix one mistake in model B
+    q[wrong] = np.eye(3)[y[wrong]]
+    diff, lo, hi, pval = S.paired_bootstrap_difference(p, q, y, n_boot=1000, seed=0)
+    assert diff < 0 and lo < 0 <= hi
+    assert pval > 0.2
+
+
+def test_bootstrap_rejects_bad_parameters():
+    p, y = _random_probs(20, 2, seed=11)
+    with pytest.raises(ValueError, match="n_boot must be a positive integer"):
+        S.bootstrap_ci(p, y, n_boot=0)
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
+        S.bootstrap_ci(p, y, alpha=1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        S.paired_bootstrap_difference(p, p[:, :1], y)

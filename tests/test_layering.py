@@ -1,0 +1,68 @@
+"""The import direction is a rule, checked by parsing imports rather than by convention."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PURE = {"losses", "metrics", "stats", "calibration", "geometry"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # relative import: resolve against the file's package
+                pkg = path.relative_to(ROOT).with_suffix("").parts[: -node.level]
+                mod = ".".join(pkg + ((mod,) if mod else ()))
+                names.update(f"{mod}.{a.name}" for a in node.names)
+            names.add(mod)
+    return names
+
+
+def test_data_prep_never_imports_pipeline():
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if n == "pipeline" or n.startswith("pipeline."))
+        for p in (ROOT / "data_prep").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_pure_modules_import_neither_config_nor_mlflow():
+    bad = {}
+    for name in PURE:
+        path = ROOT / "pipeline" / f"{name}.py"
+        if not path.exists():
+            continue
+        found = sorted(n for n in _imports(path) if n.startswith("mlflow") or n.startswith("pipeline.config"))
+        if found:
+            bad[name] = found
+    assert bad == {}
+
+
+def test_only_tracking_imports_mlflow():
+    users = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "pipeline").rglob("*.py")
+        if any(n == "mlflow" or n.startswith("mlflow.") for n in _imports(p))
+    )
+    assert users == ["pipeline/tracking.py"]
+
+
+def test_pipeline_uses_data_prep_public_surface_only():
+    offenders = []
+    for p in (ROOT / "pipeline").rglob("*.py"):
+        for n in _imports(p):
+            if n.startswith("data_prep.") and n.split(".")[1] not in _public_names():
+                offenders.append(f"{p.relative_to(ROOT)}: {n}")
+    assert offenders == []
+
+
+def _public_names() -> set[str]:
+    import data_prep
+
+    return set(data_prep.__all__)
