@@ -1,0 +1,340 @@
+"""Training methods: which loss terms, on which views, with which weights (ecl-method.md).
+
+A `Method` turns the network's `return_all` output into a weighted total loss:
+
+| method        | views | terms (weight)                                   |
+|---------------|-------|--------------------------------------------------|
+| `ce`          | 1     | `ce` (alpha)                                     |
+| `weighted_ce` | 1     | `ce` = class-weighted CE (alpha)                 |
+| `focal`       | 1     | `ce` = focal loss, `method.focal_gamma` (alpha)  |
+| `la`          | 1     | `lc` = logit-adjusted CE (alpha)                 |
+| `supcon`      | 3     | `lc` (alpha), `supcon` on views 1, 2 (beta)      |
+| `bcl`         | 3     | `lc` (alpha), `bc` with BCL's mix (beta) [, `cc` (gamma) if gamma > 0] |
+| `ecl`         | 3     | `lc` (alpha), `bc` (beta), `cc` (gamma)          |
+
+`lc` uses view 0 only; the contrastive terms use views 1 and 2, gathered across DDP ranks
+(`pipeline.distributed.all_gather_with_grad`) so they see the global batch. A term whose base
+weight is 0 is not computed at all (so `bcl` has no `cc`, and `ecl` with `gamma: 0` is an ablation).
+
+First-epoch normalisation (ProConDual; `loss_weight_normalisation: first_epoch`): epoch 0 trains
+with every weight 1 and records each term's mean over the training steps (averaged across ranks);
+`end_epoch(0)` then sets weight = base / mean, so each term enters with a share set by its base
+weight rather than by its raw scale. Only calls made with autograd enabled count, so a validation
+pass under `torch.no_grad()` does not disturb the means. The state round-trips through
+`state_dict()` for resume.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import losses
+from .config import METHOD_DEFAULTS, MethodConfig
+from .distributed import all_gather, all_gather_with_grad, all_reduce_mean
+from .errors import ConfigError, PipelineError
+from .registry import register_method
+
+__all__ = ["LossOutput", "Method", "TERM_NAMES"]
+
+TERM_NAMES = ("lc", "ce", "bc", "supcon", "cc")
+
+TermFn = Callable[[dict, Tensor], dict[str, Tensor]]
+
+
+@dataclass
+class LossOutput:
+    """The weighted total (what backward runs on) and the unweighted terms (what is logged)."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+
+
+class Method:
+    """One configured training method: terms, base weights and first-epoch normalisation state.
+
+    Args:
+        name: registry name.
+        n_views: views per image the data loader must produce (1 or 3).
+        term_fn: `(out, labels) -> {term: unweighted scalar}`.
+        base_weights: {term: weight} of the active terms.
+        normalisation: "first_epoch" or "none".
+    """
+
+    def __init__(self, name: str, n_views: int, term_fn: TermFn, base_weights: dict[str, float],
+                 normalisation: str = "none") -> None:
+        if normalisation not in ("first_epoch", "none"):
+            raise ConfigError(f"method.loss_weight_normalisation: {normalisation!r} is not allowed; "
+                              f"choose 'first_epoch' or 'none'")
+        self.name = name
+        self.n_views = n_views
+        self._term_fn = term_fn
+        self.base_weights = dict(base_weights)
+        self.normalisation = normalisation
+        self._normalised = normalisation == "none"
+        self._weights = dict(self.base_weights) if self._normalised else {k: 1.0 for k in self.base_weights}
+        self._sums: dict[str, Tensor] = {}
+        self._steps = 0
+        self.term_means: dict[str, float] | None = None
+
+    def __repr__(self) -> str:
+        return f"Method(name={self.name!r}, n_views={self.n_views}, weights={self._weights})"
+
+    def weights(self) -> dict[str, float]:
+        """Current weight of each active term (all 1.0 during a first-epoch-normalised epoch 0)."""
+        return dict(self._weights)
+
+    def __call__(self, out: dict, labels: Tensor) -> LossOutput:
+        """Compute the terms on the network's `return_all` dict and their weighted sum.
+
+        Args:
+            out: `logits` [V*B, C] view-major, `z` [V*B, d_z], `prototypes` [C, d_z], `weight` [C, d].
+            labels: [B] class indices of this rank's images.
+        """
+        terms = self._term_fn(out, labels)
+        total = sum(self._weights[k] * terms[k] for k in self.base_weights)
+        assert isinstance(total, Tensor)
+        if not self._normalised and torch.is_grad_enabled():
+            for k, v in terms.items():
+                v = v.detach().double()
+                self._sums[k] = self._sums[k] + v if k in self._sums else v
+            self._steps += 1
+        return LossOutput(total=total, terms=terms)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Close an epoch; after the first one, turn the recorded term means into weights.
+
+        Collective under DDP (every rank must call it): the per-term sums and step counts are
+        averaged over ranks, so all ranks get identical weights.
+        """
+        if self._normalised:
+            return
+        keys = list(self.base_weights)
+        device = next(iter(self._sums.values())).device if self._sums else torch.device("cpu")
+        local = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
+        for i, k in enumerate(keys):
+            if k in self._sums:
+                local[i] = self._sums[k].double()
+        local[-1] = float(self._steps)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+            local = local.cuda()
+        glob = all_reduce_mean(local).cpu().tolist()
+        steps = glob[-1]
+        means: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for i, k in enumerate(keys):
+            mean = glob[i] / steps if steps > 0 else float("nan")
+            means[k] = mean
+            if math.isfinite(mean) and mean > 1e-12:
+                weights[k] = self.base_weights[k] / mean
+            else:
+                warnings.warn(f"first-epoch loss normalisation: term {k!r} had mean {mean!r} in epoch {epoch}; "
+                              f"keeping its base weight {self.base_weights[k]}", RuntimeWarning, stacklevel=2)
+                weights[k] = self.base_weights[k]
+        self.term_means = means
+        self._weights = weights
+        self._normalised = True
+        self._sums, self._steps = {}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state (floats, no tensors): safe for `torch.load(weights_only=True)`."""
+        return {
+            "name": self.name,
+            "normalisation": self.normalisation,
+            "normalised": self._normalised,
+            "weights": dict(self._weights),
+            "base_weights": dict(self.base_weights),
+            "term_means": None if self.term_means is None else dict(self.term_means),
+            "sums": {k: float(v) for k, v in self._sums.items()},
+            "steps": self._steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output.
+
+        Raises:
+            PipelineError: the state belongs to another method or another set of terms.
+        """
+        if state.get("name") != self.name or set(state.get("weights", {})) != set(self.base_weights):
+            raise PipelineError(f"checkpoint method state is for method {state.get('name')!r} with terms "
+                                f"{sorted(state.get('weights', {}))}, but this run uses {self.name!r} with terms "
+                                f"{sorted(self.base_weights)}; resume with the same method.* settings")
+        self._normalised = bool(state["normalised"])
+        self._weights = {k: float(v) for k, v in state["weights"].items()}
+        self.term_means = None if state.get("term_means") is None else {k: float(v) for k, v in state["term_means"].items()}
+        self._sums = {k: torch.tensor(float(v)) for k, v in state.get("sums", {}).items()}
+        self._steps = int(state.get("steps", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the factories
+
+
+def _setting(cfg: MethodConfig, key: str) -> Any:
+    """The resolved value of `method.<key>`; falls back to the method's defaults if unresolved."""
+    value = getattr(cfg, key)
+    if value is None:
+        value = METHOD_DEFAULTS.get(cfg.name, {}).get(key)
+    if value is None:
+        value = dict(mix="ecl", lam=0.5, alignment="duality", loss_weight_normalisation="none",
+                     alpha=1.0, beta=0.0, gamma=0.0)[key]
+    return value
+
+
+def _checked_counts(class_counts: np.ndarray, method: str) -> np.ndarray:
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size < 2:
+        raise PipelineError(f"method {method!r}: class_counts must list the training count of each of >= 2 "
+                            f"classes; got shape {counts.shape}")
+    missing = np.flatnonzero(counts <= 0).tolist()
+    if missing:
+        raise PipelineError(f"method {method!r}: the training split has no samples of class index(es) {missing}; "
+                            f"every class needs training samples (its log-frequency or weight is undefined). "
+                            f"Rebuild the split or drop the class from the cohort.")
+    return counts
+
+
+def _batch_size(out: dict, labels: Tensor, n_views: int) -> int:
+    b = labels.shape[0]
+    n = out["logits"].shape[0]
+    if n != n_views * b:
+        raise ValueError(f"logits have {n} rows but {n_views} view(s) x {b} labels = {n_views * b} were expected "
+                         f"(views stacked view-major)")
+    return b
+
+
+def _contrastive_views(out: dict, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Views 1 and 2 as [B_global, 2, d_z] and labels [B_global], gathered over ranks."""
+    b = labels.shape[0]
+    z = out["z"]
+    feats = torch.stack([z[b:2 * b], z[2 * b:3 * b]], dim=1)
+    return all_gather_with_grad(feats), all_gather(labels)
+
+
+def _duality_check(feature_dim: int | None, proj_dim: int | None) -> None:
+    if feature_dim is not None and proj_dim is not None and feature_dim != proj_dim:
+        raise ConfigError(f"method.alignment: 'duality' needs model.proj_dim equal to the backbone feature width "
+                          f"({feature_dim}), but model.proj_dim is {proj_dim}. Set model.proj_dim: null (or "
+                          f"{feature_dim}), or method.alignment: gram.")
+
+
+def _weights(cfg: MethodConfig, names: dict[str, str]) -> dict[str, float]:
+    """{term: base weight} for terms with a positive weight; names maps term -> alpha/beta/gamma."""
+    return {term: float(_setting(cfg, key)) for term, key in names.items() if float(_setting(cfg, key)) > 0}
+
+
+def _build(cfg: MethodConfig, n_views: int, term_fn: TermFn, names: dict[str, str]) -> Method:
+    base = _weights(cfg, names)
+    if not base:
+        raise ConfigError(f"method {cfg.name!r}: every loss weight ({', '.join(sorted(set(names.values())))}) is 0; "
+                          f"set at least one positive")
+    return Method(cfg.name, n_views, term_fn, base, str(_setting(cfg, "loss_weight_normalisation")))
+
+
+# --------------------------------------------------------------------------------------------
+# one-view methods
+
+
+@register_method("ce")
+def _create_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
+    def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
+        b = _batch_size(out, labels, 1)
+        return {"ce": losses.cross_entropy(out["logits"][:b], labels)}
+
+    return _build(cfg, 1, terms, {"ce": "alpha"})
+
+
+@register_method("weighted_ce")
+def _create_weighted_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
+    counts = _checked_counts(class_counts, cfg.name)
+
+    def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
+        b = _batch_size(out, labels, 1)
+        return {"ce": losses.class_weighted_cross_entropy(out["logits"][:b], labels, counts)}
+
+    return _build(cfg, 1, terms, {"ce": "alpha"})
+
+
+@register_method("focal")
+def _create_focal(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
+    gamma = float(cfg.focal_gamma)
+
+    def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
+        b = _batch_size(out, labels, 1)
+        return {"ce": losses.focal_loss(out["logits"][:b], labels, gamma=gamma)}
+
+    return _build(cfg, 1, terms, {"ce": "alpha"})
+
+
+@register_method("la")
+def _create_la(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
+    counts = _checked_counts(class_counts, cfg.name)
+    tau = float(cfg.la_tau)
+
+    def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
+        b = _batch_size(out, labels, 1)
+        return {"lc": losses.logit_adjusted_cross_entropy(out["logits"][:b], labels, counts, tau=tau)}
+
+    return _build(cfg, 1, terms, {"lc": "alpha"})
+
+
+# --------------------------------------------------------------------------------------------
+# three-view methods
+
+
+@register_method("supcon")
+def _create_supcon(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
+    counts = _checked_counts(class_counts, cfg.name)
+    tau_la, temperature = float(cfg.la_tau), float(cfg.temperature)
+    active = _weights(cfg, {"lc": "alpha", "supcon": "beta"})
+
+    def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
+        b = _batch_size(out, labels, 3)
+        result: dict[str, Tensor] = {}
+        if "lc" in active:
+            result["lc"] = losses.logit_adjusted_cross_entropy(out["logits"][:b], labels, counts, tau=tau_la)
+        if "supcon" in active:
+            feats, y = _contrastive_views(out, labels)
+            result["supcon"] = losses.supcon_loss(feats, y, temperature)
+        return result
+
+    return _build(cfg, 3, terms, {"lc": "alpha", "supcon": "beta"})
+
+
+def _create_balanced(cfg: MethodConfig, class_counts: np.ndarray, feature_dim: int | None = None,
+                     proj_dim: int | None = None, **_: Any) -> Method:
+    """Shared factory of `bcl` and `ecl`: lc + bc [+ cc], differing only in resolved settings."""
+    counts = _checked_counts(class_counts, cfg.name)
+    tau_la, temperature = float(cfg.la_tau), float(cfg.temperature)
+    mix, lam = str(_setting(cfg, "mix")), float(_setting(cfg, "lam"))
+    alignment = str(_setting(cfg, "alignment"))
+    names = {"lc": "alpha", "bc": "beta", "cc": "gamma"}
+    active = _weights(cfg, names)
+    if "cc" in active and alignment == "duality":
+        _duality_check(feature_dim, proj_dim)
+
+    def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
+        b = _batch_size(out, labels, 3)
+        result: dict[str, Tensor] = {}
+        if "lc" in active:
+            result["lc"] = losses.logit_adjusted_cross_entropy(out["logits"][:b], labels, counts, tau=tau_la)
+        if "bc" in active:
+            feats, y = _contrastive_views(out, labels)
+            result["bc"] = losses.balanced_contrastive_loss(feats, y, out["prototypes"], temperature, mix=mix, lam=lam)
+        if "cc" in active:
+            if alignment == "duality":
+                _duality_check(out["weight"].shape[1], out["prototypes"].shape[1])
+            result["cc"] = losses.classifier_prototype_alignment(out["weight"], out["prototypes"], mode=alignment)
+        return result
+
+    return _build(cfg, 3, terms, names)
+
+
+register_method("bcl")(_create_balanced)
+register_method("ecl")(_create_balanced)
