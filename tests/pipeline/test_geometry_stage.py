@@ -1,0 +1,172 @@
+"""Tests for pipeline.geometry_stage: the `ecl geometry` paths and the report's geometry section."""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline import geometry
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.geometry_stage import geometry_section, main, run_geometry, two_level_reduction
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _synthetic(counts: list[int], d: int, spread: float, seed: int):
+    rng = np.random.default_rng(seed)
+    c = len(counts)
+    y = np.repeat(np.arange(c), counts)
+    means_h = rng.normal(size=(c, d)) * 2
+    h = means_h[y] + spread * rng.normal(size=(y.size, d))
+    z = np.tanh(h[:, : d // 2])
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    weight = means_h + 0.1 * rng.normal(size=(c, d))
+    protos = rng.normal(size=(c, d))
+    return h.astype(np.float32), z.astype(np.float32), y, weight, protos
+
+
+def test_two_level_reduction_splits_at_median() -> None:
+    red = two_level_reduction([1000, 500, 20, 10, 400, 30])
+    assert red.tail == (2, 3, 5) and red.head == (0, 1, 4)
+    assert red.ratio == pytest.approx((1900 / 3) / (60 / 3))
+    assert (red.k_major, red.k_minor) == (3, 3)
+
+
+def test_run_geometry_counts_prints_and_writes_png(tmp_path, capsys) -> None:
+    out = run_geometry(class_counts=[1000, 1000, 10, 10], temperature=10.0, out_dir=tmp_path,
+                       class_names=["nevus", "mel", "df", "vasc"])
+    printed = capsys.readouterr().out
+    want = geometry.minority_collapse_threshold(2, 2, negatives=1, temperature=10.0)
+    assert out["threshold"] == pytest.approx(want)
+    assert 1 < out["threshold"] < 100 and out["ratio"] == pytest.approx(100.0)
+    assert out["collapse_predicted"] is True and out["b_star"] == 1.0
+    assert out["rare_cosines"]["df~vasc"] == pytest.approx(1.0, abs=1e-3)
+    assert f"R* = {want:.4g}" in printed and "df~vasc: 1.000" in printed
+    assert "predicts collapse of its rarest classes (df, vasc)" in printed
+    png = (tmp_path / "geometry-optimal-gram.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and out["figure"] == str(tmp_path / "geometry-optimal-gram.png")
+    gram = np.array(out["optimal_gram"])
+    np.testing.assert_allclose(np.diag(gram), 1.0)
+
+
+def test_run_geometry_counts_no_collapse_sentence(tmp_path, capsys) -> None:
+    out = run_geometry(class_counts=[300, 200, 100, 50], temperature=0.1, out_dir=tmp_path)
+    assert out["threshold"] == math.inf and out["collapse_predicted"] is False
+    assert "No minority collapse is predicted" in capsys.readouterr().out
+
+
+def test_run_geometry_two_level_prints_bstar_and_threshold(capsys) -> None:
+    out = run_geometry(majority=3, minority=3, ratio=50.0, temperature=10.0)
+    printed = capsys.readouterr().out
+    want = geometry.minority_collapse_threshold(3, 3, negatives=1, temperature=10.0)
+    assert out["threshold"] == pytest.approx(want) and out["b_star"] == 1.0
+    assert f"R* (minority collapse threshold): {want:.4g}" in printed
+    grid = run_geometry(majority=3, minority=3, temperature=10.0)["b_star_by_ratio"]
+    assert grid[1.0] == pytest.approx(-0.2, abs=1e-6) and grid[1000.0] == 1.0
+
+
+def test_run_geometry_conflicting_arguments_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"give exactly one of --counts.*; got --counts and --majority/--minority"):
+        run_geometry(class_counts=[3, 1], majority=2, minority=2)
+    with pytest.raises(ConfigError, match="give exactly one of"):
+        run_geometry()
+    with pytest.raises(ConfigError, match=r"classes \['b'\] have no training samples"):
+        run_geometry(class_counts=[3, 0, 1], class_names=["a", "b", "c"])
+    with pytest.raises(ConfigError, match="at least two minority classes"):
+        run_geometry(majority=3, minority=1)
+    with pytest.raises(ConfigError, match="--tau must be > 0"):
+        run_geometry(majority=3, minority=2, temperature=0.0)
+
+
+def test_run_geometry_run_ref_missing_modules_pipeline_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pipeline.checkpoint", None)  # import now raises ImportError
+    with pytest.raises(PipelineError, match="needs pipeline.checkpoint"):
+        run_geometry(run_ref="runs/none")
+
+
+def test_main_bad_arguments_exit_status_2(capsys) -> None:
+    assert main(["--counts", "5,0,2"]) == 2
+    assert "have no training samples" in capsys.readouterr().err
+
+
+def test_geometry_section_synthetic_clusters_finite_metrics_png() -> None:
+    counts = [400, 200, 40, 20]
+    h, z, y, weight, protos = _synthetic([40, 30, 20, 10], d=16, spread=0.3, seed=0)
+    section = geometry_section(h, z, y, weight, counts, ["a", "b", "c", "d"], protos, temperature=0.1)
+    for space in ("backbone", "projection"):
+        for key in ("FC", "MS", "SD", "NC1", "equinorm_means", "gram_dist_optimal", "gram_dist_simplex",
+                    "minority_collapse_tail", "minority_collapse_head"):
+            assert math.isfinite(section.metrics[f"{space}/{key}"]), f"{space}/{key}"
+    for key in ("backbone/equinorm_classifier", "backbone/self_duality", "backbone/alignment"):
+        assert math.isfinite(section.metrics[key])
+    assert "projection/self_duality" not in section.metrics
+    direct = geometry.measure_geometry(z, y, train_counts=counts,
+                                       optimal_gram=geometry.optimal_gram(np.array(counts, float), 1, 0.1)[0])
+    assert section.metrics["projection/gram_dist_optimal"] == pytest.approx(direct["gram_dist_optimal"], rel=1e-6)
+    assert set(section.figures) == {"gram_projection", "gram_backbone"}
+    assert all(png.startswith(PNG_SIGNATURE) and len(png) > 1000 for png in section.figures.values())
+    assert any("No minority collapse is predicted" in s for s in section.sentences)
+
+
+def test_geometry_section_collapse_predicted_sentence() -> None:
+    counts = [5000, 5000, 10, 10]
+    h, z, y, weight, _ = _synthetic([30, 30, 10, 10], d=8, spread=0.2, seed=1)
+    section = geometry_section(h, z, y, weight, counts, ["a", "b", "c", "d"], temperature=10.0)
+    assert section.sentences[0].startswith("The cohort's imbalance predicts collapse of its rarest classes (c, d)")
+    assert section.metrics["optimum/collapse_threshold"] == pytest.approx(
+        geometry.minority_collapse_threshold(2, 2, 1, 10.0))
+    assert section.metrics["optimum/tail_cosine_two_level"] == 1.0
+
+
+def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_path, capsys) -> None:
+    """The --run path against stand-ins honouring architecture.md's contracts (real ones come later)."""
+    import types
+
+    import torch
+
+    import data_prep
+
+    h, z, y, weight, protos = _synthetic([30, 20, 10, 10], d=6, spread=0.2, seed=2)
+    y_run = y.copy()
+    y_run[::7] = -1  # unlabelled images must be dropped
+
+    class Net(torch.nn.Module):
+        def forward(self, x, return_all=False):
+            return {"h": x, "z": torch.nn.functional.normalize(x[:, :3], dim=1), "logits": x[:, :4],
+                    "weight": torch.tensor(weight), "prototypes": torch.tensor(protos[:, :3])}
+
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(cache="cache-dir"),
+                                eval=types.SimpleNamespace(batch_size=16))
+    trained = types.SimpleNamespace(network=Net(), config=cfg, class_names=["a", "b", "c", "d"],
+                                    class_counts=[300, 200, 20, 10], run_id="abc123")
+    seen = {}
+
+    def load_trained_model(ref, device="cpu", tracking_uri=None):
+        seen["ref"] = ref
+        return trained
+
+    def create_eval_loader(cache, split, data_cfg, norm, batch_size):
+        seen["split"], seen["cache"] = split, cache
+        xs, ys = torch.tensor(h), torch.tensor(y_run)
+        return [(xs[i:i + batch_size], ys[i:i + batch_size], torch.arange(i, min(i + batch_size, len(ys))))
+                for i in range(0, len(ys), batch_size)]
+
+    for name, attrs in (("pipeline.checkpoint", {"load_trained_model": load_trained_model}),
+                        ("pipeline.data", {"create_eval_loader": create_eval_loader}),
+                        ("pipeline.models", {"model_data_config": lambda net: {"mean": 0, "std": 1}})):
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    monkeypatch.setattr(data_prep, "open_cache", lambda path: f"opened:{path}", raising=False)
+
+    out = run_geometry(run_ref="runs/x", split="val", out_dir=tmp_path)
+    assert seen == {"ref": "runs/x", "split": "val", "cache": "opened:cache-dir"}
+    keep = y_run >= 0
+    direct = geometry.measure_geometry(h[keep], y_run[keep], weight, [300, 200, 20, 10],
+                                       geometry.optimal_gram(np.array([300, 200, 20, 10.0]), 1, 0.1)[0])
+    assert out["metrics"]["backbone/FC"] == pytest.approx(direct["FC"], rel=1e-6)
+    assert out["metrics"]["backbone/self_duality"] == pytest.approx(direct["self_duality"], rel=1e-6)
+    for path in out["figures"].values():
+        assert open(path, "rb").read().startswith(PNG_SIGNATURE)
+    assert (tmp_path / "geometry-val-gram-projection.png").exists()
+    assert "Learned geometry of runs/x on the val split" in capsys.readouterr().out
