@@ -1,0 +1,501 @@
+"""`ecl prepare ct`: lung CT (a DICOM tree or NIfTI volumes) into a prepared cache of 2D inputs.
+
+Order of work, cheapest first:
+
+1. Options and the labels CSV are checked; the build key is computed from the input file names
+   and sizes, the labels CSV's content hash, `options.public_dict()` (without `workers`) and an
+   HMAC of a constant under the salt (so a new salt rebuilds, and the salt never appears). A
+   finished cache with the same key is left alone ("cache up to date").
+2. DICOM headers only (`dicom.index_dicom_tree`): series are matched to label rows (by
+   PatientID, StudyInstanceUID or SeriesInstanceUID, `options.label_key`), their geometry is
+   checked (`dicom.check_geometry`) and every lesion centre is checked to lie inside its volume.
+   For NIfTI input the label key is the file stem (`nifti.nifti_stem`).
+3. Split: grouped by patient pseudonym and stratified by class (`splits.make_split`), or the
+   user's split file (`manifest.read_split_file`: image,split over the image names below).
+4. Pixels, in shards of SHARD_SERIES series over `options.n_workers` processes with a progress
+   bar: decode, resample to `spacing_mm`, crop `crop_mm` cubes around each lesion (or sample
+   lung slices where the row has no centre), turn planes into uint8 [S, S, 3] (`ct.planes_2d`).
+   Each shard is written atomically; an interrupted run resumes with the missing shards.
+5. Finalize: manifest columns image, label, split, group, patient, series, lesion, slice, where
+   image = f"{patient}_l{lesion}_s{slice}", group = patient = the patient pseudonym, series = the
+   series pseudonym; meta {"kind": "ct", "class_names", "options", "notices"}.
+
+Labels CSV: a key column (patient_id, study_uid or series_uid), `label`, and optionally a lesion
+centre as `center_x_mm, center_y_mm, center_z_mm` (world, DICOM LPS) or `center_i, center_j,
+center_k` (voxel column, row and slice; for DICOM the slice index counts in position order along
+the slice normal, for NIfTI it is the file's own k), and `diameter_mm` (spreads the
+slices_per_lesion planes over the lesion). Several rows per key are several lesions; a row without
+centre samples `slices_per_lesion` axial slices inside the lungs instead.
+
+Class names are ordered by frequency in the labels CSV (most frequent first, ties in order of
+first appearance): the head class first, as long-tailed tables are usually written.
+
+Privacy: no tag value that identifies a person, visit or instance is written or printed. Messages
+and quarantine.csv name series by pseudonym and files by their path *as the user gave it*
+relative to images_dir; if folder or file names themselves carry identifiers, rename them
+before preparing (the generator's names never do). The salt is never written.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import multiprocessing
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .cache import FORMAT_VERSION, CacheWriter
+from .ct import CHANNEL_MODES, lesion_cube, lung_sample_points, planes_2d, resample_isotropic, slice_offsets, crop_cube, cube_size
+from .deid import pseudonym
+from .dicom import SeriesInfo, Volume, check_geometry, index_dicom_tree, read_series_volume
+from .errors import DataPrepError
+from .io import atomic_write_text, bytes_sha256, file_sha256
+from .manifest import read_split_file
+from .nifti import NIFTI_SUFFIXES, load_nifti, nifti_stem
+from .options import PrepareOptions
+from .splits import make_split
+
+__all__ = ["prepare_ct", "SHARD_SERIES", "LABEL_KEYS"]
+
+SHARD_SERIES = 4
+LABEL_KEYS = {"patient": "patient_id", "study": "study_uid", "series": "series_uid"}
+_WORLD = ("center_x_mm", "center_y_mm", "center_z_mm")
+_INDEX = ("center_i", "center_j", "center_k")
+
+
+@dataclass
+class _Lesion:
+    row: int                      # 1-based data row in the labels CSV
+    label: str
+    centre_world: tuple[float, float, float] | None
+    centre_index: tuple[float, float, float] | None  # (i, j, k)
+    diameter: float | None
+    lesion: int = 0               # index within the patient
+
+
+@dataclass
+class _Task:
+    """One series and what to cut from it: picklable, identifier-free except file paths."""
+
+    name: str                     # e.g. "series S-1a2b3c4d5e (patient P-..., folder case_003/...)"
+    patient: str
+    series: str
+    source: str                   # "dicom" or "nifti"
+    info: SeriesInfo | None       # headers (identifiers in memory only; travels to workers by pipe)
+    nifti: str | None
+    lesions: list[_Lesion]
+    rel: str                      # folder or file relative to images_dir, for quarantine
+    images: list[tuple[str, str, int, int]] = field(default_factory=list)  # (image, label, lesion, slice)
+
+
+def _check_options(o: PrepareOptions) -> None:
+    if o.on_error not in ("stop", "skip"):
+        raise DataPrepError(f"prepare.on_error is {o.on_error!r}; use 'stop' or 'skip'.")
+    if o.label_key not in LABEL_KEYS:
+        raise DataPrepError(f"prepare.label_key is {o.label_key!r}; use one of {', '.join(LABEL_KEYS)}.")
+    if o.channels not in CHANNEL_MODES:
+        raise DataPrepError(f"prepare.channels is {o.channels!r}; use one of {', '.join(CHANNEL_MODES)}.")
+    if not o.spacing_mm > 0 or not o.crop_mm > 0 or o.ct_image_size < 8 or o.slices_per_lesion < 1:
+        raise DataPrepError(f"prepare: spacing_mm ({o.spacing_mm}) and crop_mm ({o.crop_mm}) must be positive, "
+                            f"ct_image_size ({o.ct_image_size}) at least 8 and slices_per_lesion ({o.slices_per_lesion}) at least 1.")
+
+
+def _num(value: str, path: Path, row: int, col: str) -> float | None:
+    value = str(value).strip()
+    if value == "":
+        return None
+    try:
+        out = float(value)
+    except ValueError:
+        raise DataPrepError(f"{path}: row {row}, column {col}: {value!r} is not a number. Write millimetres or voxel indices as plain numbers.", str(path)) from None
+    if not np.isfinite(out):
+        raise DataPrepError(f"{path}: row {row}, column {col}: {value!r} is not a finite number.", str(path))
+    return out
+
+
+def _read_labels(path: Path, key_col: str) -> tuple[dict[str, list[_Lesion]], list[str]]:
+    """Label rows grouped by key, and class names (by frequency, ties by first appearance)."""
+    if not path.is_file():
+        raise DataPrepError(f"Labels CSV {path} does not exist. Pass the CSV with {key_col},label[,center_x_mm,...].", str(path))
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataPrepError(f"{path}: cannot be read as CSV ({exc}). Write it as {key_col},label[,center_x_mm,...].", str(path)) from None
+    df.columns = [c.strip() for c in df.columns]
+    for col in (key_col, "label"):
+        if col not in df.columns:
+            raise DataPrepError(f"{path}: no '{col}' column (columns: {', '.join(df.columns)}). The key column follows "
+                                f"prepare.label_key ({', '.join(f'{k} -> {v}' for k, v in LABEL_KEYS.items())}).", str(path))
+    for group in (_WORLD, _INDEX):
+        have = [c for c in group if c in df.columns]
+        if have and len(have) != 3:
+            raise DataPrepError(f"{path}: centre columns {have} given without {[c for c in group if c not in have]}; give all three or none.", str(path))
+    if not len(df):
+        raise DataPrepError(f"{path}: no data rows.", str(path))
+    rows: dict[str, list[_Lesion]] = defaultdict(list)
+    for n, rec in enumerate(df.to_dict("records"), start=1):
+        key = str(rec[key_col]).strip()
+        label = str(rec["label"]).strip()
+        if not key:
+            raise DataPrepError(f"{path}: row {n}: empty {key_col}. Every row needs the key of its series.", str(path))
+        if not label:
+            raise DataPrepError(f"{path}: row {n}: empty label. Give every lesion a class name.", str(path))
+        world = tuple(_num(rec[c], path, n, c) for c in _WORLD) if _WORLD[0] in rec else (None,) * 3
+        index = tuple(_num(rec[c], path, n, c) for c in _INDEX) if _INDEX[0] in rec else (None,) * 3
+        for vals, cols in ((world, _WORLD), (index, _INDEX)):
+            if any(v is None for v in vals) and any(v is not None for v in vals):
+                raise DataPrepError(f"{path}: row {n}: {', '.join(cols)} must all be filled or all be empty.", str(path))
+        if world[0] is not None and index[0] is not None:
+            raise DataPrepError(f"{path}: row {n}: both world ({', '.join(_WORLD)}) and voxel ({', '.join(_INDEX)}) centres; keep one.", str(path))
+        diameter = _num(rec.get("diameter_mm", ""), path, n, "diameter_mm") if "diameter_mm" in rec else None
+        rows[key].append(_Lesion(row=n, label=label, centre_world=world if world[0] is not None else None,  # type: ignore[arg-type]
+                                 centre_index=index if index[0] is not None else None, diameter=diameter))  # type: ignore[arg-type]
+    for key, lesions in rows.items():
+        if len(lesions) > 1 and any(les.centre_world is None and les.centre_index is None for les in lesions):
+            raise DataPrepError(f"{path}: rows {', '.join(str(les.row) for les in lesions)} share one {key_col} but some have no "
+                                f"lesion centre; several rows per key are several lesions and each needs its centre.", str(path))
+    labels = [str(v).strip() for v in df["label"]]
+    first = {c: i for i, c in reversed(list(enumerate(labels)))}
+    counts = Counter(labels)
+    class_names = sorted(counts, key=lambda c: (-counts[c], first[c]))
+    return rows, class_names
+
+
+def _list_inputs(images_dir: Path) -> tuple[list[Path], list[Path]]:
+    files = [p for p in sorted(images_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    nifti = [p for p in files if p.name.lower().endswith(NIFTI_SUFFIXES)]
+    return files, nifti
+
+
+def _build_key(images_dir: Path, files: list[Path], labels_csv: Path, options: PrepareOptions, salt: str) -> str:
+    public = options.public_dict()
+    public.pop("workers", None)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": "ct",
+        "files": [[p.relative_to(images_dir).as_posix(), p.stat().st_size] for p in files],
+        "labels": file_sha256(labels_csv),
+        "split_file": file_sha256(options.split_file) if options.split_file else None,
+        "options": public,
+        # an HMAC under the salt, not the salt: a new salt gives new pseudonyms, hence a rebuild
+        "salt": hmac.new(salt.encode("utf-8"), b"ecl-ct-build-key", hashlib.sha256).hexdigest(),
+    }
+    return bytes_sha256(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _rel(path: str | Path | None, root: Path) -> str:
+    if path is None:
+        return ""
+    p = Path(path)
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+class _Faults:
+    """Stop at the first fault, or collect it for quarantine.csv (on_error='skip')."""
+
+    def __init__(self, on_error: str, root: Path):
+        self.skip = on_error == "skip"
+        self.root = root
+        self.rows: list[dict[str, str]] = []
+
+    def __call__(self, err: DataPrepError, series: str = "") -> None:
+        if not self.skip:
+            raise err
+        self.rows.append({"file": _rel(err.path, self.root), "series": series, "reason": str(err)})
+
+
+def _plan_dicom(images_dir: Path, labels: dict[str, list[_Lesion]], options: PrepareOptions, salt: str,
+                faults: _Faults, labels_csv: Path) -> list[_Task]:
+    problems: list[DataPrepError] = []
+    series = index_dicom_tree(images_dir, problems)
+    for err in problems:
+        faults(err)
+    images = [s for s in series if s.is_image and not s.is_localizer]
+    cts = [s for s in images if s.modality == "CT" or options.allow_non_ct]
+    if not cts:
+        other = sorted({s.modality or "?" for s in images})
+        hint = f" (found image series of modality {', '.join(other)}; pass prepare.allow_non_ct to use them)" if other else ""
+        raise DataPrepError(f"{images_dir}: no CT image series found{hint}. Pass the folder holding the DICOM export.", str(images_dir))
+    key_col = LABEL_KEYS[options.label_key]
+    attr = {"patient": "patient_id", "study": "study_uid", "series": "series_uid"}[options.label_key]
+    by_key: dict[str, list[SeriesInfo]] = defaultdict(list)
+    for s in cts:
+        by_key[getattr(s, attr)].append(s)
+    tasks = []
+    for key, members in by_key.items():
+        for s in members:
+            patient = pseudonym(s.patient_id, salt, "P")
+            sname = pseudonym(s.series_uid, salt, "S")
+            folder = _rel(s.folder, images_dir)
+            name = f"series {sname} (patient {patient}, folder {folder})"
+            if len(members) > 1:
+                faults(DataPrepError(f"{name}: {len(members)} CT series share this {key_col} ({pseudonym(key, salt, 'K')}); "
+                                     f"label by series (prepare.label_key=series, column series_uid) or remove the extra series.", folder), sname)
+                continue
+            if key not in labels:
+                faults(DataPrepError(f"{name}: no row of {labels_csv} has its {key_col}; add a row (or remove the series from the input folder).", folder), sname)
+                continue
+            tasks.append(_Task(name=name, patient=patient, series=sname, source="dicom", info=s, nifti=None,
+                               lesions=labels[key], rel=folder))
+    for key, lesions in labels.items():
+        if key not in by_key:
+            rows = ", ".join(str(les.row) for les in lesions)
+            faults(DataPrepError(f"{labels_csv}: row(s) {rows} ({key_col} {pseudonym(key, salt, 'K')} after pseudonymisation) match no CT "
+                                 f"series under {images_dir}. Check the {key_col} values, prepare.label_key, or add the missing series.", str(labels_csv)))
+    return tasks
+
+
+def _plan_nifti(images_dir: Path, nifti: list[Path], labels: dict[str, list[_Lesion]], options: PrepareOptions, salt: str,
+                faults: _Faults, labels_csv: Path) -> list[_Task]:
+    key_col = LABEL_KEYS[options.label_key]
+    stems: dict[str, Path] = {}
+    for p in nifti:
+        stem = nifti_stem(p)
+        if stem in stems:
+            raise DataPrepError(f"{images_dir}: two NIfTI files share the stem '{_rel(p, images_dir)}' vs '{_rel(stems[stem], images_dir)}'; rename one.", str(p))
+        stems[stem] = p
+    tasks = []
+    for stem, p in stems.items():
+        patient = pseudonym(stem, salt, "P")
+        sname = pseudonym(stem, salt, "S")
+        rel = _rel(p, images_dir)
+        name = f"volume {sname} (patient {patient}, file {rel})"
+        if stem not in labels:
+            faults(DataPrepError(f"{name}: no row of {labels_csv} has its file stem in {key_col}; add a row or remove the file.", str(p)), sname)
+            continue
+        tasks.append(_Task(name=name, patient=patient, series=sname, source="nifti", info=None, nifti=str(p), lesions=labels[stem], rel=rel))
+    for key, lesions in labels.items():
+        if key not in stems:
+            faults(DataPrepError(f"{labels_csv}: row(s) {', '.join(str(les.row) for les in lesions)} name a NIfTI stem that is not under {images_dir}.", str(labels_csv)))
+    return tasks
+
+
+def _grid_volume(task: _Task) -> Volume:
+    """Geometry without pixels (a zero-strided array): from DICOM headers, or the NIfTI header."""
+    if task.source == "dicom":
+        return check_geometry(task.info, task.name).as_volume_grid()  # type: ignore[arg-type]
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(task.nifti)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DataPrepError(f"{task.name}: the NIfTI header cannot be read; the file is damaged or not NIfTI. Re-export it.", task.nifti) from exc
+    size = reader.GetSize()
+    if len(size) != 3:
+        raise DataPrepError(f"{task.name}: expected a 3D volume, got {len(size)}D.", task.nifti)
+    return Volume(array=np.broadcast_to(np.float32(0), tuple(size[::-1])), spacing=tuple(reader.GetSpacing()[::-1]),  # type: ignore[arg-type]
+                  origin=tuple(reader.GetOrigin()), direction=np.asarray(reader.GetDirection(), float).reshape(3, 3))  # type: ignore[arg-type]
+
+
+def _check_centres(task: _Task, grid: Volume) -> None:
+    """Resolve voxel centres to world mm and refuse any centre outside the volume."""
+    for les in task.lesions:
+        if les.centre_index is not None:
+            i, j, k = les.centre_index
+            les.centre_world = tuple(float(v) for v in grid.index_to_world((k, j, i)))  # type: ignore[assignment]
+        if les.centre_world is not None:
+            kji = grid.world_to_index(les.centre_world)
+            if not grid.contains_index(kji):
+                raise DataPrepError(
+                    f"{task.name}: the lesion centre of labels row {les.row} lies outside the volume (voxel k,j,i = "
+                    f"{', '.join(f'{v:.1f}' for v in kji)}; shape {grid.shape}). Check center_x/y/z_mm (DICOM LPS world mm) "
+                    f"or center_i/j/k.", task.rel)
+
+
+def _cut(task: _Task, options: dict[str, Any]) -> list[np.ndarray]:
+    """Decode one series and return its images in task.images order."""
+    if task.source == "dicom":
+        vol = read_series_volume(task.info, task.name)  # type: ignore[arg-type]
+    else:
+        vol = load_nifti(task.nifti)  # type: ignore[arg-type]
+    iso = resample_isotropic(vol, options["spacing_mm"])
+    n = cube_size(options["crop_mm"], options["spacing_mm"])
+    out = []
+    for les in task.lesions:
+        if les.centre_world is not None:
+            cube, _ = lesion_cube(iso, les.centre_world, options["crop_mm"], task.name)
+            offsets = slice_offsets(options["slices_per_lesion"], les.diameter, options["spacing_mm"], n // 2)
+            out.extend(planes_2d(cube, o, options["channels"], options["ct_image_size"]) for o in offsets)
+        else:
+            try:
+                points = lung_sample_points(iso, options["slices_per_lesion"])
+            except DataPrepError as err:
+                raise DataPrepError(f"{task.name}: {err}", task.rel) from None
+            out.extend(planes_2d(crop_cube(iso.array, p, n), 0, options["channels"], options["ct_image_size"]) for p in points)
+    return out
+
+
+def _run_shard(job: tuple[int, list[_Task], dict[str, Any]]) -> tuple[int, list[np.ndarray], list[str], list[dict[str, str]]]:
+    """Cut every series of a shard; a failing series is reported, not raised (the parent decides)."""
+    k, tasks, options = job
+    images: list[np.ndarray] = []
+    names: list[str] = []
+    failures: list[dict[str, str]] = []
+    for t in tasks:
+        try:
+            got = _cut(t, options)
+        except DataPrepError as err:
+            failures.append({"file": _rel(err.path, Path(options["root"])), "series": t.series, "reason": str(err)})
+            continue
+        images.extend(got)
+        names.extend(img for img, *_ in t.images)
+    return k, images, names, failures
+
+
+def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out_dir: str | os.PathLike,
+               options: PrepareOptions | None = None) -> Path:
+    """Prepare a lung-CT cohort into a cache of uint8 [S, S, 3] lesion (or lung) images.
+
+    Args:
+        images_dir: a DICOM tree (any nesting; localizers, SR documents and non-DICOM files are
+            skipped) or a folder of .nii/.nii.gz volumes.
+        labels_csv: see the module docstring.
+        out_dir: the cache folder.
+        options: spacing_mm, crop_mm, ct_image_size, channels, slices_per_lesion, label_key,
+            salt, allow_non_ct, on_error, workers, fractions, split_seed, split_file.
+
+    Returns:
+        `out_dir`, holding a complete cache (and quarantine.csv when on_error="skip").
+
+    Raises:
+        DataPrepError: bad options or labels CSV, no CT series, a label row without series or a
+            series without label row, inconsistent geometry, a lesion centre outside its volume,
+            an unreadable file (with on_error="stop"), or nothing left after quarantine.
+    """
+    options = options or PrepareOptions()
+    _check_options(options)
+    salt = options.resolved_salt()
+    images_dir, labels_csv, out_dir = Path(images_dir), Path(labels_csv), Path(out_dir)
+    if not images_dir.is_dir():
+        raise DataPrepError(f"{images_dir} is not a folder. Pass the folder holding the DICOM series or NIfTI volumes.", str(images_dir))
+    key_col = LABEL_KEYS[options.label_key]
+    labels, class_names = _read_labels(labels_csv, key_col)
+    files, nifti = _list_inputs(images_dir)
+    key = _build_key(images_dir, files, labels_csv, options, salt)
+    writer = CacheWriter(out_dir, key)
+    if writer.is_complete():
+        print(f"cache up to date: {out_dir}")
+        return out_dir
+
+    faults = _Faults(options.on_error, images_dir)
+    if nifti:
+        tasks = _plan_nifti(images_dir, nifti, labels, options, salt, faults, labels_csv)
+    else:
+        tasks = _plan_dicom(images_dir, labels, options, salt, faults, labels_csv)
+    # pseudonym collisions would merge two patients into one group: refuse (see deid docstring)
+    raw_by_patient: dict[str, set[str]] = defaultdict(set)
+    for t in tasks:
+        raw_by_patient[t.patient].add(t.info.patient_id if t.info is not None else str(t.nifti))
+    if any(len(v) > 1 for v in raw_by_patient.values()):
+        raise DataPrepError("two different patients received the same pseudonym (a 1 in 10^12 event per pair); set another prepare.salt.")
+
+    good: list[_Task] = []
+    for t in tasks:
+        try:
+            _check_centres(t, _grid_volume(t))
+        except DataPrepError as err:
+            faults(err, t.series)
+            continue
+        good.append(t)
+    if not good:
+        raise DataPrepError(f"{images_dir}: no series left to prepare ({len(faults.rows)} quarantined; see the reasons above "
+                            f"or in {out_dir / 'quarantine.csv'}).", str(images_dir))
+    # lesion numbers run per patient over its rows, so names stay unique when a patient has several series
+    lesion_no: dict[str, int] = defaultdict(int)
+    for t in good:
+        for les in t.lesions:
+            les.lesion = lesion_no[t.patient]
+            lesion_no[t.patient] += 1
+            for s in range(options.slices_per_lesion):
+                t.images.append((f"{t.patient}_l{les.lesion}_s{s}", les.label, les.lesion, s))
+
+    names = [img for t in good for img, *_ in t.images]
+    img_labels = [lab for t in good for _, lab, _, _ in t.images]
+    groups = [t.patient for t in good for _ in t.images]
+    notices: list[str] = []
+    if options.split_file:
+        splits = read_split_file(options.split_file, names, groups)
+        notices.append("splits read from the split file")
+    else:
+        splits, split_notices = make_split(img_labels, groups, options.fractions, options.split_seed)
+        notices.extend(split_notices)
+    split_of = dict(zip(names, splits))
+
+    writer.start()
+    n_shards = (len(good) + SHARD_SERIES - 1) // SHARD_SERIES
+    opts = {"spacing_mm": options.spacing_mm, "crop_mm": options.crop_mm, "ct_image_size": options.ct_image_size,
+            "channels": options.channels, "slices_per_lesion": options.slices_per_lesion, "root": str(images_dir)}
+    jobs = [(k, good[k * SHARD_SERIES:(k + 1) * SHARD_SERIES], opts) for k in range(n_shards)
+            if not (writer.has_shard(k) and _rows_path(writer, k).is_file())]
+    if len(jobs) < n_shards:
+        print(f"resuming: {n_shards - len(jobs)} of {n_shards} shards already built")
+    workers = max(1, min(options.n_workers, len(jobs)))
+    with tqdm(total=n_shards, initial=n_shards - len(jobs), desc="CT series", unit="shard", disable=None) as bar:
+        if workers == 1:
+            _store(map(_run_shard, jobs), writer, faults, bar)
+        else:
+            with multiprocessing.get_context().Pool(workers) as pool:
+                _store(pool.imap(_run_shard, jobs), writer, faults, bar)
+
+    stored: list[str] = []
+    fresh = {job[0] for job in jobs}
+    for k in range(n_shards):
+        rec = json.loads(_rows_path(writer, k).read_text(encoding="utf-8"))
+        stored.extend(rec["images"])
+        if k not in fresh:  # failures of shards built by an earlier, interrupted run
+            faults.rows.extend(rec["failures"])
+    if not stored:
+        raise DataPrepError(f"{images_dir}: every series failed; see {out_dir / 'quarantine.csv'}.", str(images_dir))
+    info = {img: (lab, les, s, t.patient, t.series) for t in good for img, lab, les, s in t.images}
+    manifest = pd.DataFrame({
+        "image": stored,
+        "label": [info[i][0] for i in stored],
+        "split": [split_of[i] for i in stored],
+        "group": [info[i][3] for i in stored],
+        "patient": [info[i][3] for i in stored],
+        "series": [info[i][4] for i in stored],
+        "lesion": [info[i][1] for i in stored],
+        "slice": [info[i][2] for i in stored],
+    })
+    quarantine_csv = out_dir / "quarantine.csv"
+    if faults.skip:
+        atomic_write_text(quarantine_csv, pd.DataFrame(faults.rows, columns=["file", "series", "reason"]).to_csv(index=False, lineterminator="\n"))
+        if faults.rows:
+            notices.append(f"{len(faults.rows)} input(s) quarantined; see quarantine.csv")
+    elif quarantine_csv.is_file():
+        quarantine_csv.unlink()
+    for notice in notices:
+        print(f"notice: {notice}")
+    present = set(manifest["label"])
+    meta = {"kind": "ct", "class_names": [c for c in class_names if c in present], "options": options.public_dict(), "notices": notices}
+    writer.finalize(manifest, n_shards, meta)
+    counts = manifest.groupby("split").size().to_dict()
+    print(f"prepared {len(manifest)} images from {manifest['patient'].nunique()} patients into {out_dir} "
+          f"({', '.join(f'{s}: {c}' for s, c in sorted(counts.items()))})")
+    return out_dir
+
+
+def _rows_path(writer: CacheWriter, k: int) -> Path:
+    return writer.build_dir / f"rows-{k:06d}.json"
+
+
+def _store(results, writer: CacheWriter, faults: _Faults, bar) -> None:
+    for k, images, names, failures in results:
+        for f in failures:
+            faults(DataPrepError(f["reason"], f["file"]), f["series"])
+        # the row list goes first: a shard on disk always has its rows beside it
+        atomic_write_text(_rows_path(writer, k), json.dumps({"images": names, "failures": failures}))
+        writer.write_shard(k, images)
+        bar.update(1)

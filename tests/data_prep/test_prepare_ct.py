@@ -1,0 +1,200 @@
+"""prepare_ct end to end: cache contract, splits by patient, de-identification, faults, quarantine."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from data_prep.cache import open_cache
+from data_prep.deid import IDENTIFYING_TAGS, pseudonym
+from data_prep.errors import DataPrepError
+from data_prep.options import PrepareOptions
+from data_prep.prepare_ct import prepare_ct
+from data_prep.synthetic.ct import generate_ct
+
+SALT = "test-salt-not-secret"
+OPTS = dict(salt=SALT, workers=1, ct_image_size=32, crop_mm=24.0, slices_per_lesion=2, spacing_mm=1.0)
+SENTINELS = {tag: f"ZQX{n:02d}SENT" for n, tag in enumerate(IDENTIFYING_TAGS)}
+SENTINELS.update({"StudyInstanceUID": "1.2.826.0.1.99001", "SeriesInstanceUID": "1.2.826.0.1.99002",
+                  "SOPInstanceUID": "1.2.826.0.1.99003", "FrameOfReferenceUID": "1.2.826.0.1.99004",
+                  "PatientBirthDate": "19010203", "StudyDate": "19020304", "SeriesDate": "19030405",
+                  "AcquisitionDate": "19040506", "ContentDate": "19050607", "StudyTime": "235959"})
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Eight patients (two per class) with every identifying tag planted with a sentinel."""
+    return generate_ct(tmp_path_factory.mktemp("prep_ct"), n_patients=8, seed=3, slices=20, size=48,
+                       sentinels=SENTINELS, compress=["rle"])
+
+
+@pytest.fixture(scope="module")
+def prepared(cohort, tmp_path_factory) -> Path:
+    return prepare_ct(cohort["images"], cohort["labels"], tmp_path_factory.mktemp("prep_out") / "cache", PrepareOptions(**OPTS))
+
+
+def _copy(cohort: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    images = shutil.copytree(cohort["images"], tmp_path / "images")
+    labels = tmp_path / "labels.csv"
+    shutil.copy(cohort["labels"], labels)
+    return {"images": images, "labels": labels}
+
+
+def test_prepare_ct_builds_cache_grouped_by_patient_pseudonym(cohort, prepared):
+    cache = open_cache(prepared)
+    labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})
+    assert cache.kind == "ct" and len(cache) == 8 * 2
+    assert sorted(cache.class_names) == sorted(set(labels["label"]))
+    assert cache.image(0).shape == (32, 32, 3) and cache.image(0).dtype == np.uint8
+    m = cache.manifest
+    expected = {pseudonym(pid, SALT, "P") for pid in labels["patient_id"]}
+    assert set(m["group"]) == expected and (m["group"] == m["patient"]).all()
+    assert (m["image"] == m["patient"] + "_l" + m["lesion"].astype(str) + "_s" + m["slice"].astype(str)).all()
+    assert m.groupby("patient")["split"].nunique().max() == 1  # no patient in two splits
+    assert {"train", "test"} <= set(m["split"])
+    truth = dict(zip(labels["patient_id"].map(lambda p: pseudonym(p, SALT, "P")), labels["label"]))
+    assert (m["label"] == m["patient"].map(truth)).all()
+    meta = json.loads((prepared / "cache.json").read_text())
+    assert meta["options"]["crop_mm"] == 24.0 and "salt" not in meta["options"]
+    assert cache.class_counts("all").sum() == 16
+
+
+def test_prepare_ct_rerun_does_nothing(cohort, prepared, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in prepared.iterdir()}
+    prepare_ct(cohort["images"], cohort["labels"], prepared, PrepareOptions(**OPTS))
+    assert "cache up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in prepared.iterdir()} == before
+
+
+def test_prepare_ct_outputs_hold_no_identifier_nor_salt(cohort, prepared, capsys):
+    # rebuild into a fresh folder with on_error=skip (so quarantine.csv exists) and capture what is printed
+    out = prepare_ct(cohort["images"], cohort["labels"], prepared.parent / "deid", PrepareOptions(**OPTS, on_error="skip"))
+    printed = capsys.readouterr()
+    files = [p for p in out.rglob("*") if p.is_file()] + [p for p in prepared.rglob("*") if p.is_file()]
+    assert any(p.name == "quarantine.csv" for p in files) and any(p.name == "pixels.u8" for p in files)
+    needles = list(SENTINELS.values()) + [SALT]
+    for p in files:
+        data = p.read_bytes()
+        for needle in needles:
+            assert needle.encode() not in data, (p.name, needle)
+    for needle in needles:
+        assert needle not in printed.out and needle not in printed.err
+
+
+def test_prepare_ct_labels_row_without_series(cohort, tmp_path):
+    src = _copy(cohort, tmp_path)
+    shutil.rmtree(src["images"] / "case_005")
+    with pytest.raises(DataPrepError, match=r"labels\.csv: row\(s\) 6 \(patient_id K-[0-9a-f]{10} after pseudonymisation\) match no CT series"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
+
+
+def test_prepare_ct_series_without_labels_row(cohort, tmp_path):
+    src = _copy(cohort, tmp_path)
+    df = pd.read_csv(src["labels"], dtype=str)
+    df.drop(index=2).to_csv(src["labels"], index=False)
+    with pytest.raises(DataPrepError, match=r"series S-[0-9a-f]{10} \(patient P-[0-9a-f]{10}, folder case_002/study_1/series_2\): no row of .*labels\.csv has its patient_id"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
+
+
+def test_prepare_ct_centre_outside_volume(cohort, tmp_path):
+    src = _copy(cohort, tmp_path)
+    df = pd.read_csv(src["labels"], dtype=str)
+    df.loc[4, "center_z_mm"] = "900.0"
+    df.to_csv(src["labels"], index=False)
+    with pytest.raises(DataPrepError, match=r"folder case_004/study_1/series_2\): the lesion centre of labels row 5 lies outside the volume"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
+
+
+def test_prepare_ct_quarantines_with_skip(cohort, tmp_path):
+    src = _copy(cohort, tmp_path)
+    victim = sorted((src["images"] / "case_001/study_1/series_2").glob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:-300])  # truncated: only found when decoding
+    files = sorted((src["images"] / "case_006/study_1/series_2").glob("*.dcm"))
+    files[5].unlink()  # a gap: found from the headers
+    (src["images"] / "stray.dcm").write_bytes(b"not dicom at all")
+    with pytest.raises(DataPrepError, match=r"stray\.dcm: not a DICOM file"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "stop", PrepareOptions(**OPTS))
+    out = prepare_ct(src["images"], src["labels"], tmp_path / "skip", PrepareOptions(**OPTS, on_error="skip"))
+    q = pd.read_csv(out / "quarantine.csv", keep_default_na=False)
+    assert len(q) == 3
+    by_file = dict(zip(q["file"], q["reason"]))
+    assert "stray.dcm: not a DICOM file" in by_file.pop("stray.dcm")
+    assert f"{victim.name}: no complete Pixel Data element" in by_file.pop(f"case_001/study_1/series_2/{victim.name}")
+    ((gap_file, gap_reason),) = by_file.items()  # the file beside the gap, in the series with the gap
+    assert gap_file.startswith("case_006/study_1/series_2/") and "slice spacing is not uniform" in gap_reason
+    assert set(q["series"]) - {""} == set(q["series"][q["file"] != "stray.dcm"]) and q["series"].str.startswith("S-").sum() == 2
+    cache = open_cache(out)
+    assert cache.manifest["patient"].nunique() == 6 and len(cache) == 12
+
+
+def test_prepare_ct_nifti_input_with_voxel_centres(cohort, tmp_path):
+    labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})
+    rows = []
+    from data_prep.dicom import load_series
+
+    for i in range(4):
+        vol = load_series(cohort["images"] / f"case_{i:03d}")
+        img = sitk.GetImageFromArray(vol.array)
+        img.SetSpacing(vol.spacing[::-1])
+        img.SetOrigin(vol.origin)
+        img.SetDirection(vol.direction.ravel().tolist())
+        sitk.WriteImage(img, str(tmp_path / f"vol{i}.nii.gz"))
+        x, y, z = img.TransformPhysicalPointToIndex(tuple(labels.loc[i, ["center_x_mm", "center_y_mm", "center_z_mm"]]))
+        rows.append({"patient_id": f"vol{i}", "label": labels.loc[i, "label"], "center_i": x, "center_j": y, "center_k": z})
+    rows.append({"patient_id": "vol0", "label": "lung", "center_i": "", "center_j": "", "center_k": ""})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataPrepError, match=r"share one patient_id but some have no lesion centre"):
+        prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS))
+    pd.DataFrame(rows[:4]).to_csv(tmp_path / "labels.csv", index=False)
+    cache = open_cache(prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS, channels="orthogonal")))
+    assert len(cache) == 8 and set(cache.manifest["patient"]) == {pseudonym(f"vol{i}", SALT) for i in range(4)}
+
+
+def test_prepare_ct_without_centres_samples_lung_slices(cohort, tmp_path):
+    labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})[["patient_id", "label"]]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    cache = open_cache(prepare_ct(cohort["images"], tmp_path / "labels.csv", tmp_path / "out",
+                                  PrepareOptions(**{**OPTS, "slices_per_lesion": 3, "channels": "adjacent", "workers": 2})))
+    assert len(cache) == 24 and cache.manifest.groupby("patient").size().eq(3).all()
+    assert all(cache.image(i)[..., 1].mean() < 128 for i in range(len(cache)))  # mostly aerated lung under the lung window
+
+
+def test_prepare_ct_bad_options_and_missing_salt(cohort, tmp_path, monkeypatch):
+    with pytest.raises(DataPrepError, match=r"prepare\.channels is 'rgb'"):
+        prepare_ct(cohort["images"], cohort["labels"], tmp_path / "o", PrepareOptions(**{**OPTS, "channels": "rgb"}))
+    monkeypatch.delenv("ECL_PSEUDONYM_SALT", raising=False)
+    with pytest.raises(DataPrepError, match="No pseudonym salt"):
+        prepare_ct(cohort["images"], cohort["labels"], tmp_path / "o", PrepareOptions(**{**OPTS, "salt": None}))
+
+
+def test_prepare_ct_sentinels_really_planted_in_input(cohort):
+    blobs = b"".join(p.read_bytes() for p in cohort["images"].glob("case_000/study_1/series_2/*.dcm"))
+    for needle in SENTINELS.values():
+        assert needle.encode() in blobs, needle  # so the grep above could fail
+
+
+def test_prepare_ct_resumes_after_interruption(cohort, tmp_path, monkeypatch, capsys):
+    import data_prep.prepare_ct as mod
+
+    real_cut, calls = mod._cut, []
+
+    def flaky(task, options):
+        calls.append(task.series)
+        if len(calls) == 5:  # first series of the second shard
+            raise KeyboardInterrupt
+        return real_cut(task, options)
+
+    monkeypatch.setattr(mod, "_cut", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_ct(cohort["images"], cohort["labels"], tmp_path / "out", PrepareOptions(**OPTS))
+    assert not (tmp_path / "out" / "cache.json").exists()
+    monkeypatch.setattr(mod, "_cut", real_cut)
+    out = prepare_ct(cohort["images"], cohort["labels"], tmp_path / "out", PrepareOptions(**OPTS))
+    assert "resuming: 1 of 2 shards already built" in capsys.readouterr().out
+    assert len(open_cache(out)) == 16
