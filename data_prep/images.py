@@ -1,0 +1,109 @@
+"""Decoding one dermoscopy image the way every cache is built (and `ecl predict` reuses).
+
+Why a single function: training and prediction must see the same pixels, so the JPEG decode,
+the resize and the optional colour constancy live here and nowhere else.
+
+Speed: a 1024x768 ISIC JPEG resized to a short side of 256 does not need a full decode. JPEG
+stores 8x8 DCT blocks, and libjpeg can decode straight to 1/2, 1/4 or 1/8 scale; PIL exposes
+this as `Image.draft`. We ask for the smallest DCT scale that still leaves the short side at or
+above the target, then finish with an antialiased resize. Truncated files are never accepted
+(`ImageFile.LOAD_TRUNCATED_IMAGES` stays False): a half-grey image would silently poison a cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from .errors import DataPrepError
+
+__all__ = ["load_image_file", "shades_of_gray", "target_size", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side exactly `short_side` and the aspect ratio kept."""
+    if width <= height:
+        return short_side, max(1, int(round(height * short_side / width)))
+    return max(1, int(round(width * short_side / height))), short_side
+
+
+def shades_of_gray(img: np.ndarray, p: float = 6) -> np.ndarray:
+    """Shades-of-grey colour constancy (Finlayson and Trezzi, 2004) with Minkowski norm `p`.
+
+    Why: dermoscopes differ in illuminant and white balance; dividing each channel by its
+    p-norm estimate of the illuminant removes much of that device signature. After the
+    correction every channel has the same p-norm, and a neutral grey image is left unchanged
+    (the gains are normalised so that their mean square is one).
+
+    Args:
+        img: [H, W, 3] uint8 or float image.
+        p: Minkowski exponent; 1 is grey-world, infinity is max-RGB; 6 is the usual choice.
+
+    Returns:
+        The corrected image: uint8 (rounded, clipped to 0..255) for uint8 input, else float64
+        without clipping.
+    """
+    x = np.asarray(img, dtype=np.float64)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"shades_of_gray expects an [H, W, 3] image, got shape {x.shape}")
+    illuminant = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)
+    norm = float(np.sqrt(np.sum(illuminant**2)))
+    if norm == 0:
+        return np.array(img, copy=True)
+    gains = norm / (np.sqrt(3.0) * np.maximum(illuminant, 1e-12))
+    out = x * gains
+    if np.asarray(img).dtype == np.uint8:
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out
+
+
+def load_image_file(path: str | os.PathLike, short_side: int = 256, color_constancy: bool = False) -> np.ndarray:
+    """Decode an image file to uint8 RGB [H, W, 3] whose shorter side is exactly `short_side`.
+
+    EXIF orientation and ICC profiles are ignored (ISIC images are stored upright; honouring
+    EXIF on some files only would make the cache depend on the camera software). Palette,
+    grey and RGBA images are converted to RGB.
+
+    Args:
+        path: image file (JPEG, PNG, ...).
+        short_side: length of the shorter side after resizing (aspect ratio kept).
+        color_constancy: apply `shades_of_gray` (p = 6) after resizing.
+
+    Raises:
+        DataPrepError: the file is missing, not an image, truncated or otherwise undecodable.
+    """
+    path = Path(path)
+    if short_side < 1:
+        raise ValueError(f"short_side must be positive, got {short_side}")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # never accept half a picture, whatever another library set
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            tw, th = target_size(w, h, short_side)
+            if im.format == "JPEG" and min(w, h) >= 2 * short_side:
+                # libjpeg picks the largest DCT reduction keeping the size >= the request
+                im.draft("RGB", (tw, th))
+            im.load()
+            rgb = im.convert("RGB")
+    except FileNotFoundError:
+        err = DataPrepError(f"Image file {path} does not exist. Check the image folder and the CSV's image column.", str(path))
+        err.reason = "file does not exist"  # short form for quarantine.csv
+        raise err from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        err = DataPrepError(
+            f"Cannot decode image {path}: {exc}. Replace the file, remove it from the CSV, or re-run with --on-error skip "
+            f"to quarantine it.",
+            str(path),
+        )
+        err.reason = str(exc)
+        raise err from None
+    if rgb.size != (tw, th):
+        rgb = rgb.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = np.asarray(rgb, dtype=np.uint8)
+    if color_constancy:
+        out = shades_of_gray(out, p=6)
+    return np.ascontiguousarray(out)
