@@ -19,7 +19,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 __all__ = [
     "resolve_tracking_uri", "ensure_experiment", "start_run", "log_params", "log_metrics", "set_tags",
-    "log_artifact", "log_artifacts", "log_text", "log_dict", "log_torch_model", "get_run", "download_artifacts",
+    "log_artifact", "log_artifacts", "log_text", "log_dict", "log_torch_model",
+    "pinned_requirements", "get_run", "download_artifacts",
     "search_runs", "sanitize_metric_name",
 ]
 
@@ -143,8 +144,31 @@ def log_dict(data: dict, artifact_file: str) -> None:
     _mlflow().log_dict(data, artifact_file)
 
 
-def log_torch_model(model: Any, input_example: Any, name: str = "model", register: str | None = None) -> str:
-    """Log a torch module with a signature inferred from `input_example` (numpy); returns its URI."""
+def pinned_requirements() -> list[str]:
+    """pip requirements of a logged torch model: the exact versions of this environment.
+
+    Why: MLflow otherwise infers them by re-importing the model in a subprocess, which costs about
+    20 s per model on a small machine (the demo logs two) and adds nothing we do not know already.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("torch", "timm", "numpy", "mlflow", "cloudpickle"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def log_torch_model(model: Any, input_example: Any, name: str = "model", register: str | None = None,
+                    pip_requirements: list[str] | None = None, serialization_format: str = "pickle") -> str:
+    """Log a torch module with a signature inferred from `input_example` (numpy); returns its URI.
+
+    Requirements default to `pinned_requirements()` (no slow inference). Why pickle: MLflow 3's
+    default "pt2" format runs torch.export on the input example, which specialises the batch
+    dimension to 1, so the loaded model would refuse any other batch size.
+    """
     mlflow = _mlflow()
     import mlflow.pytorch  # noqa: F401
     from mlflow.models import infer_signature
@@ -155,7 +179,9 @@ def log_torch_model(model: Any, input_example: Any, name: str = "model", registe
         out = model(torch.as_tensor(input_example)).cpu().numpy()
     signature = infer_signature(input_example, out)
     info = mlflow.pytorch.log_model(
-        model, name=name, signature=signature, input_example=input_example, registered_model_name=register
+        model, name=name, signature=signature, input_example=input_example, registered_model_name=register,
+        pip_requirements=pip_requirements if pip_requirements is not None else pinned_requirements(),
+        serialization_format=serialization_format,
     )
     return info.model_uri
 

@@ -1,0 +1,1 @@
+"""Example run configs (YAML), shipped as package data so `ecl demo` finds its config anywhere."""

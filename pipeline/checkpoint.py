@@ -1,0 +1,177 @@
+"""Checkpoints: atomic save, safe load, and turning any model reference into a ready network.
+
+Why this module exists: training, evaluation, prediction and geometry all need "the trained model
+behind this reference", whether the user gives a checkpoint file, a run folder or an MLflow run
+id. One resolver keeps those three spellings working everywhere.
+
+Checkpoints hold only tensors and plain Python values (the config as a dict, RNG states as
+tensors and lists), so `torch.load(weights_only=True)` can read them: a checkpoint from someone
+else can not run code on load. They are written with `data_prep.atomic_open`, so a kill during
+a save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep import atomic_open
+
+from .errors import PipelineError
+
+__all__ = [
+    "TrainedModel", "save_checkpoint", "load_checkpoint", "load_trained_model", "set_temperature",
+    "resolve_checkpoint", "BEST", "LAST",
+]
+
+BEST = "checkpoint-best.pt"
+LAST = "checkpoint-last.pt"
+_RUN_ID = re.compile(r"^(runs:/)?([0-9a-f]{32})(/.*)?$")
+
+
+@dataclass
+class TrainedModel:
+    """A trained network (eval mode) and what is needed to use it honestly."""
+
+    network: torch.nn.Module
+    config: Any  # pipeline.config.RunConfig (imported lazily to keep this module light)
+    class_names: list[str]
+    class_counts: list[int]
+    temperature: float
+    run_id: str | None
+    run_dir: Path | None
+    checkpoint_path: Path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` with torch.save into a temporary sibling, then rename it onto `path`."""
+    with atomic_open(path, "wb") as fh:
+        torch.save(state, fh)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (weights_only: no code runs on load).
+
+    Raises:
+        PipelineError: the file is missing, truncated, or not a checkpoint of this pipeline.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise PipelineError(f"{path} is not a readable checkpoint of this pipeline ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise PipelineError(f"{path} is not a checkpoint written by `ecl train` (no 'model'/'config' entries)")
+    return state
+
+
+def _tracking_uri_for_lookup(tracking_uri: str | None) -> str:
+    import os
+
+    if tracking_uri:
+        return tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path("runs") / "mlflow.db"  # the default train.output_dir's store
+    if db.is_file():
+        return f"sqlite:///{db.resolve()}"
+    raise PipelineError("an MLflow run id was given but no tracking store is known: pass --tracking-uri, set "
+                        "MLFLOW_TRACKING_URI, or give the run folder / checkpoint file instead")
+
+
+def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tuple[Path, str | None]:
+    """Map a reference to a local checkpoint file; returns (path, mlflow run id or None).
+
+    `ref` is a checkpoint file, a run folder (its checkpoint-best.pt) or an MLflow run id
+    (32 hex digits, or runs:/<id>): the run's tag `ecl.run_dir` is used when that folder exists
+    here, else the `checkpoints/checkpoint-best.pt` artifact is downloaded.
+
+    Raises:
+        PipelineError: nothing matches `ref`, naming it.
+    """
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path, None
+    if path.is_dir():
+        best = path / BEST
+        if not best.is_file():
+            raise PipelineError(f"run folder {path} has no {BEST}: the run has not finished an epoch yet; "
+                                f"resume it with `ecl train --resume {path}`")
+        return best, None
+    match = _RUN_ID.match(text)
+    if match is None:
+        raise PipelineError(f"model reference {text!r} is not a checkpoint file, a run folder or an MLflow run id")
+    run_id = match.group(2)
+    from . import tracking
+
+    uri = _tracking_uri_for_lookup(tracking_uri)
+    try:
+        run = tracking.get_run(uri, run_id)
+    except Exception as exc:  # noqa: BLE001 - mlflow raises its own types for a missing run
+        raise PipelineError(f"MLflow run {run_id} was not found in {uri} ({type(exc).__name__})") from None
+    run_dir = run.data.tags.get("ecl.run_dir")
+    if run_dir and (Path(run_dir) / BEST).is_file():
+        return Path(run_dir) / BEST, run_id
+    dst = Path(tempfile.gettempdir()) / "ecl-mlflow" / run_id
+    try:
+        got = tracking.download_artifacts(uri, run_id, f"checkpoints/{BEST}", dst)
+    except Exception as exc:  # noqa: BLE001
+        raise PipelineError(f"MLflow run {run_id}: run folder {run_dir!r} is absent here and the artifact "
+                            f"checkpoints/{BEST} could not be downloaded ({type(exc).__name__})") from None
+    return Path(got), run_id
+
+
+def load_trained_model(ref: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None) -> TrainedModel:
+    """Rebuild the network of a checkpoint, run folder or MLflow run id, in eval mode on `device`.
+
+    Raises:
+        PipelineError: `ref` does not resolve, or the checkpoint does not match its own config.
+    """
+    from .config import RunConfig
+    from .models import create_network
+
+    path, run_id = resolve_checkpoint(ref, tracking_uri)
+    state = load_checkpoint(path)
+    cfg = RunConfig.model_validate(state["config"])
+    class_names = list(state["class_names"])
+    # weights come from the checkpoint: never read the (possibly absent) pretrained file again
+    model_cfg = cfg.model.model_copy(update={"pretrained_file": None})
+    network = create_network(model_cfg, len(class_names), proj_head=bool(state.get("proj_head", True)))
+    try:
+        network.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise PipelineError(f"{path}: the weights do not fit model.backbone={cfg.model.backbone!r} ({exc})") from None
+    network.to(device).eval()
+    run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
+    return TrainedModel(
+        network=network,
+        config=cfg,
+        class_names=class_names,
+        class_counts=[int(c) for c in state.get("class_counts", [])],
+        temperature=float(state.get("temperature", 1.0)),
+        run_id=run_id or state.get("mlflow_run_id"),
+        run_dir=run_dir,
+        checkpoint_path=path,
+    )
+
+
+def set_temperature(checkpoint_path: str | Path, temperature: float) -> None:
+    """Store a fitted temperature in the checkpoint (atomically) so predictions come out calibrated.
+
+    Raises:
+        PipelineError: the temperature is not a positive finite number, or the file is unreadable.
+    """
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise PipelineError(f"temperature must be a positive finite number; got {temperature!r}")
+    state = load_checkpoint(checkpoint_path)
+    state["temperature"] = t
+    save_checkpoint(checkpoint_path, state)

@@ -1,0 +1,186 @@
+"""Figures of the evaluation and comparison reports, as PNG bytes.
+
+Why PNG bytes and not files: the report embeds every figure as a base64 data URI so the HTML
+opens offline (and inside MLflow's artifact viewer) with nothing beside it; the stage modules
+also write the same bytes next to the report for people who want the pictures alone.
+Matplotlib runs on the Agg backend (no display needed), and every figure is closed after
+rendering so long evaluations do not accumulate memory.
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = [
+    "figure_png", "reliability_diagram", "reliability_grid", "confusion_heatmap", "recall_bars",
+    "comparison_plot",
+]
+
+_BLUE = "#1f5fa8"
+_GREY = "#9aa5b1"
+_RED = "#c0392b"
+
+
+def figure_png(fig: "plt.Figure", dpi: int = 110) -> bytes:
+    """Render a figure to PNG bytes and close it."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _draw_reliability(ax: "plt.Axes", confidence: np.ndarray, accuracy: np.ndarray, counts: np.ndarray,
+                      edges: np.ndarray, title: str) -> None:
+    """Bars of observed accuracy per confidence bin, the diagonal, and each bin's sample count."""
+    counts = np.asarray(counts, dtype=float)
+    edges = np.asarray(edges, dtype=float)
+    widths = np.diff(edges)
+    filled = counts > 0
+    acc = np.where(filled, np.nan_to_num(np.asarray(accuracy, dtype=float)), 0.0)
+    conf = np.where(filled, np.nan_to_num(np.asarray(confidence, dtype=float)), 0.0)
+    ax.bar(edges[:-1][filled], acc[filled], width=widths[filled], align="edge", color=_BLUE, alpha=0.8,
+           edgecolor="white", label="observed")
+    # the gap between confidence and accuracy, drawn where samples exist
+    ax.bar(edges[:-1][filled], conf[filled] - acc[filled], bottom=acc[filled], width=widths[filled], align="edge",
+           color=_RED, alpha=0.25, edgecolor=_RED, linewidth=0.5, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], ls="--", color="black", lw=1)
+    for left, w, n, a in zip(edges[:-1][filled], widths[filled], counts[filled], acc[filled]):
+        ax.text(left + w / 2, min(a, 0.92) + 0.02, f"{int(n)}", ha="center", va="bottom", fontsize=6, color="#333")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+
+
+def reliability_diagram(confidence: Sequence[float], accuracy: Sequence[float], counts: Sequence[int],
+                        edges: Sequence[float], title: str = "Reliability") -> bytes:
+    """One reliability diagram: mean confidence vs accuracy per bin, with the number in each bin.
+
+    Args:
+        confidence: mean predicted confidence per bin [n_bins] (NaN or anything for empty bins).
+        accuracy: observed accuracy (or frequency) per bin [n_bins].
+        counts: samples per bin [n_bins]; the numbers are printed on the bars because a bar
+            standing on three samples means little, and a reader must see that.
+        edges: bin edges [n_bins + 1] in [0, 1].
+        title: figure title.
+    """
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    _draw_reliability(ax, np.asarray(confidence), np.asarray(accuracy), np.asarray(counts), np.asarray(edges), title)
+    ax.set_xlabel("confidence", fontsize=8)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.legend(fontsize=6, loc="upper left")
+    return figure_png(fig)
+
+
+def reliability_grid(panels: dict[str, tuple[Sequence[float], Sequence[float], Sequence[int], Sequence[float]]],
+                     title: str = "Per-class reliability (one-vs-rest)") -> bytes:
+    """Small multiples of per-class reliability diagrams.
+
+    Args:
+        panels: class name -> (confidence, frequency, counts, edges) as for `reliability_diagram`.
+        title: figure title.
+    """
+    n = max(len(panels), 1)
+    cols = min(4, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    for ax, (name, (conf, freq, counts, edges)) in zip(axes.ravel(), panels.items()):
+        _draw_reliability(ax, np.asarray(conf), np.asarray(freq), np.asarray(counts), np.asarray(edges), name)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def confusion_heatmap(counts: np.ndarray, class_names: Sequence[str], normalised: np.ndarray | None = None,
+                      title: str = "Confusion matrix (rows: true class)") -> bytes:
+    """Heat map of the row-normalised confusion matrix, annotated with counts.
+
+    Why row-normalised colour: on an imbalanced cohort raw counts make the majority class's cell
+    the only visible one; per-row fractions show each class's errors at the same scale.
+    """
+    counts = np.asarray(counts)
+    if normalised is None:
+        rows = counts.sum(axis=1, keepdims=True)
+        normalised = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
+    normalised = np.nan_to_num(np.asarray(normalised, dtype=float))
+    k = len(class_names)
+    size = max(3.5, 0.55 * k + 1.5)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    im = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{int(counts[i, j])}\n{normalised[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                    color="white" if normalised[i, j] > 0.55 else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted", fontsize=9)
+    ax.set_ylabel("true", fontsize=9)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return figure_png(fig)
+
+
+def recall_bars(class_names: Sequence[str], point: Sequence[float | None], low: Sequence[float | None],
+                high: Sequence[float | None], train_counts: Sequence[int] | None = None,
+                title: str = "Per-class recall with 95% bootstrap CI") -> bytes:
+    """Horizontal bars of per-class recall with CI whiskers; classes absent from the split say n/a."""
+    k = len(class_names)
+    order = np.argsort(-np.asarray(train_counts)) if train_counts is not None else np.arange(k)
+    fig, ax = plt.subplots(figsize=(5.5, 0.38 * k + 1.2))
+    for row, c in enumerate(order):
+        p, lo, hi = point[c], low[c], high[c]
+        label = class_names[c] + (f" (n_train={int(train_counts[c])})" if train_counts is not None else "")
+        if p is None or not np.isfinite(p):
+            ax.text(0.01, row, "n/a (class absent)", va="center", fontsize=7, color=_GREY)
+        else:
+            ax.barh(row, p, color=_BLUE, alpha=0.85)
+            if lo is not None and hi is not None:
+                ax.errorbar(p, row, xerr=[[p - lo], [hi - p]], fmt="none", ecolor="black", capsize=3, lw=1)
+        ax.text(-0.01, row, label, ha="right", va="center", fontsize=7)
+    ax.set_yticks([])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(k - 0.5, -0.5)
+    ax.set_xlabel("recall (sensitivity)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return figure_png(fig)
+
+
+def comparison_plot(run_names: Sequence[str], bacc: Sequence[float], low: Sequence[float], high: Sequence[float],
+                    class_names: Sequence[str], recalls: Sequence[Sequence[float | None]],
+                    title: str = "Balanced accuracy (95% CI) and per-class recall") -> bytes:
+    """Two panels: balanced accuracy with CIs per run, and grouped per-class recall bars."""
+    n = len(run_names)
+    k = len(class_names)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 0.6 * k, 0.5 * n + 2.8),
+                                   gridspec_kw={"width_ratios": [1, 1.6]})
+    ys = np.arange(n)
+    b = np.asarray(bacc, dtype=float)
+    ax1.errorbar(b, ys, xerr=[b - np.asarray(low, float), np.asarray(high, float) - b], fmt="o", color=_BLUE,
+                 capsize=4)
+    ax1.set_yticks(ys, run_names, fontsize=7)
+    ax1.set_ylim(n - 0.5, -0.5)
+    ax1.set_xlim(0, 1)
+    ax1.set_xlabel("balanced accuracy", fontsize=8)
+    width = 0.8 / max(n, 1)
+    xs = np.arange(k)
+    cmap = plt.get_cmap("tab10")
+    for r, (name, rec) in enumerate(zip(run_names, recalls)):
+        vals = np.array([np.nan if v is None else v for v in rec], dtype=float)
+        ax2.bar(xs + (r - (n - 1) / 2) * width, np.nan_to_num(vals), width=width, color=cmap(r % 10), label=name)
+    ax2.set_xticks(xs, class_names, rotation=45, ha="right", fontsize=7)
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("recall", fontsize=8)
+    ax2.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return figure_png(fig)

@@ -1,0 +1,187 @@
+"""`ecl predict`: calibrated class probabilities for new images, in the ISIC submission format.
+
+Every image goes through exactly the preprocessing the training cache saw
+(`data_prep.load_image_file` with the run's `prepare.short_side` and `prepare.color_constancy`,
+then `pipeline.data.eval_transform`), so a prediction here equals the evaluation's prediction on
+the same picture. Probabilities are ``softmax(logits / T)`` with the temperature `ecl evaluate`
+stored in the checkpoint (T = 1 until the model is evaluated).
+
+Supported inputs: one JPEG/PNG file, or a folder searched recursively for ``*.jpg``, ``*.jpeg``,
+``*.png`` (any case). For CT models (cache kind "ct") the inputs must be 2D images in the cache's
+own representation (the `prepare.ct_image_size` crops with the configured channels, saved as
+PNG); a raw DICOM series cannot be classified directly because the cache's lesion crops need
+lesion coordinates that a bare series does not carry: prepare it with `ecl prepare ct` and run
+`ecl evaluate` instead. DICOM files given here are reported with that explanation.
+
+An unreadable file never stops the run: it is listed on stderr and in ``<out stem>.errors.csv``
+beside the predictions (columns file, error).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_prep import atomic_write_text
+
+from .errors import PipelineError
+
+__all__ = ["run_predict", "find_images", "errors_path", "IMAGE_SUFFIXES", "main"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def find_images(images: str | Path) -> list[Path]:
+    """The image files to predict: the file itself, or every JPEG/PNG/DICOM under a folder, sorted.
+
+    Raises:
+        PipelineError: the path does not exist, or a folder holds no image.
+    """
+    root = Path(images)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise PipelineError(f"--images {root} does not exist; give a JPEG/PNG file or a folder of them")
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + _DICOM_SUFFIXES)
+    if not found:
+        raise PipelineError(f"--images {root}: no .jpg, .jpeg or .png files in this folder or below it")
+    return found
+
+
+def errors_path(out_csv: str | Path) -> Path:
+    """`predictions.csv` -> `predictions.errors.csv` (the list of files that could not be read)."""
+    out = Path(out_csv)
+    return out.with_name(f"{out.stem}.errors.csv")
+
+
+def _image_ids(files: Sequence[Path], root: Path) -> list[str]:
+    """File stems (ISIC ids); files sharing a stem in different folders get their relative path."""
+    stems = [f.stem for f in files]
+    dup = {s for s in stems if stems.count(s) > 1}
+    out = []
+    for f in files:
+        if f.stem in dup and root.is_dir():
+            out.append(f.relative_to(root).with_suffix("").as_posix())
+        else:
+            out.append(f.stem)
+    return out
+
+
+def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path = "predictions.csv",
+                tracking_uri: str | None = None) -> Path:
+    """Predict calibrated probabilities for image files and write them as an ISIC CSV.
+
+    Args:
+        model_ref: checkpoint file, run folder or MLflow run id.
+        images: an image file or a folder (searched recursively).
+        out_csv: output CSV: ``image`` then one probability column per class, in class order.
+        tracking_uri: MLflow store, when `model_ref` is a run id.
+
+    Returns:
+        The path of the CSV written.
+
+    Raises:
+        PipelineError: no input images, or none of them could be read.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from data_prep import load_image_file
+
+    from .calibration import apply_temperature
+    from .checkpoint import load_trained_model
+    from .data import eval_transform
+    from .metrics import write_isic_csv
+    from .models import model_data_config
+
+    files = find_images(images)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tm = load_trained_model(model_ref, device=device, tracking_uri=tracking_uri)
+    cfg = tm.config
+    kind = "dermoscopy"
+    try:  # the cache may be absent where predictions are made: kind then follows the prepare config
+        from data_prep import open_cache
+
+        kind = open_cache(cfg.data.cache).kind if cfg.data.cache else kind
+    except Exception:  # noqa: BLE001 - the cache is only consulted for its kind; absent -> dermoscopy
+        pass
+    short_side = cfg.prepare.ct_image_size if kind == "ct" else cfg.prepare.short_side
+    color_constancy = False if kind == "ct" else cfg.prepare.color_constancy
+    transform = eval_transform(cfg.data, model_data_config(tm.network))
+    ids = _image_ids(files, Path(images))
+
+    kept_ids: list[str] = []
+    logits: list[np.ndarray] = []
+    errors: list[tuple[str, str]] = []
+    batch: list[Any] = []
+    batch_ids: list[str] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        with torch.inference_mode():
+            out = tm.network(torch.stack(batch).to(device))
+        logits.append(out.float().cpu().numpy().astype(np.float64))
+        kept_ids.extend(batch_ids)
+        batch.clear()
+        batch_ids.clear()
+
+    for path, image_id in tqdm(list(zip(files, ids)), desc="predict", unit="image", leave=False):
+        if path.suffix.lower() in _DICOM_SUFFIXES:
+            errors.append((str(path), "DICOM input is not supported by `ecl predict`: a CT series needs lesion "
+                                      "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
+            continue
+        try:
+            pixels = load_image_file(path, short_side=short_side, color_constancy=color_constancy)
+            x = transform(pixels)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch; it is reported
+            errors.append((str(path), f"{type(exc).__name__}: {exc}"))
+            continue
+        batch.append(torch.as_tensor(x))
+        batch_ids.append(image_id)
+        if len(batch) >= cfg.eval.batch_size:
+            flush()
+    flush()
+
+    out = Path(out_csv)
+    err_file = errors_path(out)
+    if errors:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["file", "error"])
+        writer.writerows(errors)
+        atomic_write_text(err_file, buf.getvalue())
+        for file, msg in errors:
+            print(f"ecl predict: skipped unreadable {file}: {msg}", file=sys.stderr)
+        print(f"ecl predict: {len(errors)} of {len(files)} files could not be read; listed in {err_file}",
+              file=sys.stderr)
+    elif err_file.exists():
+        err_file.unlink()  # a stale list from an earlier run would be misleading
+    if not kept_ids:
+        raise PipelineError(f"none of the {len(files)} files under {images} could be read; see {err_file}")
+    probs = apply_temperature(np.concatenate(logits), tm.temperature)
+    write_isic_csv(out, kept_ids, probs, tm.class_names)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pipeline.predict --model REF --images PATH [--out predictions.csv]`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.predict")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--tracking-uri", default=None)
+    a = p.parse_args(argv)
+    print(f"predictions: {run_predict(a.model, a.images, out_csv=a.out, tracking_uri=a.tracking_uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

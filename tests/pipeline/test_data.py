@@ -1,0 +1,142 @@
+"""Tests of pipeline.data: loader shapes and dtypes, normalisation, determinism across workers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import AugmentConfig, DataConfig, TrainConfig
+from pipeline.data import CacheDataset, create_eval_loader, create_train_loader, eval_transform, train_transform
+from pipeline.errors import ConfigError, PipelineError
+
+NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+SIZE = 32
+
+
+def _data_cfg(workers: int = 0, **aug) -> DataConfig:
+    return DataConfig(image_size=SIZE, num_workers=workers, pin_memory=False, augment=AugmentConfig(**aug))
+
+
+def _train_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 8, "seed": 11, **kw})
+
+
+def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return list(loader)
+
+
+def test_train_loader_shapes_and_dtypes(tiny_cache):
+    loader = create_train_loader(tiny_cache, _data_cfg(), _train_cfg(), n_views=3, norm=NORM, epoch=0)
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 48 // 8
+    x, y, idx = batches[0]
+    assert x.shape == (8, 3, 3, SIZE, SIZE) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and idx.dtype == torch.int64 and y.shape == idx.shape == (8,)
+    # labels and rows agree with the cache; rows come from the train split
+    train_rows = set(tiny_cache.split_indices("train").tolist())
+    for _, y, idx in batches:
+        assert set(idx.tolist()) <= train_rows
+        assert torch.equal(y, torch.as_tensor(tiny_cache.labels[idx.numpy()]))
+    # views of one image differ (independent augmentations)
+    assert not torch.equal(x[0, 0], x[0, 1]) and not torch.equal(x[0, 1], x[0, 2])
+
+
+def test_train_views_deterministic_across_worker_counts(tiny_cache):
+    seq = _epoch(create_train_loader(tiny_cache, _data_cfg(0), _train_cfg(), 3, NORM, epoch=2))
+    par = _epoch(create_train_loader(tiny_cache, _data_cfg(2), _train_cfg(), 3, NORM, epoch=2))
+    assert len(seq) == len(par)
+    for (xa, ya, ia), (xb, yb, ib) in zip(seq, par):
+        assert torch.equal(ia, ib) and torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+
+
+def test_set_epoch_changes_views_and_replays_with_persistent_workers(tiny_cache):
+    loader = create_train_loader(tiny_cache, _data_cfg(2, ), _train_cfg(), 3, NORM, epoch=0)
+    first = _epoch(loader)
+    loader.sampler.set_epoch(1)
+    second = _epoch(loader)
+    assert not torch.equal(first[0][2], second[0][2])  # a new order
+    # a fresh loader built for epoch 1 (a resumed run) yields exactly epoch 1's batches
+    resumed = _epoch(create_train_loader(tiny_cache, _data_cfg(0), _train_cfg(), 3, NORM, epoch=1))
+    for (xa, _, ia), (xb, _, ib) in zip(second, resumed):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+
+
+def test_same_sample_gets_new_views_in_new_epoch(tiny_cache):
+    rows = tiny_cache.split_indices("train")[:4]
+    ds = CacheDataset(tiny_cache, rows, train_transform(_data_cfg(), NORM, 3), seed=5)
+    a, b, c = ds[(0, 1)][0], ds[(0, 1)][0], ds[(1, 1)][0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    other_seed = CacheDataset(tiny_cache, rows, train_transform(_data_cfg(), NORM, 3), seed=6)
+    assert not torch.equal(a, other_seed[(0, 1)][0])
+
+
+def test_eval_loader_in_order_and_deterministic(tiny_cache):
+    loader = create_eval_loader(tiny_cache, "val", _data_cfg(), NORM, batch_size=5)
+    a, b = _epoch(loader), _epoch(create_eval_loader(tiny_cache, "val", _data_cfg(2), NORM, batch_size=5))
+    rows = torch.cat([i for _, _, i in a])
+    assert rows.tolist() == tiny_cache.split_indices("val").tolist()  # cache order, nothing dropped
+    assert a[0][0].shape == (5, 3, SIZE, SIZE) and a[-1][0].shape[0] == 12 - 10
+    for (xa, ya, _), (xb, yb, _) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_constant_image_normalised_with_backbone_mean_std(make_cache):
+    values = (10, 128, 250)
+    img = np.empty((50, 70, 3), np.uint8)
+    img[:] = values
+    cache = make_cache([img, img], ["A", "B"], ["test", "test"], ["A", "B"])
+    x, y, _ = next(iter(create_eval_loader(cache, "test", _data_cfg(), NORM, batch_size=2)))
+    expected = (np.array(values) / 255.0 - np.array(NORM["mean"])) / np.array(NORM["std"])
+    assert x.shape == (2, 3, SIZE, SIZE)
+    for c in range(3):
+        torch.testing.assert_close(x[:, c], torch.full((2, SIZE, SIZE), float(expected[c])), rtol=0, atol=1e-5)
+    assert y.tolist() == [0, 1]
+
+
+def test_eval_transform_resizes_short_side_and_center_crops():
+    # left third 0, middle third 100, right third 200 along a wide image: the centre crop keeps the middle
+    img = np.zeros((SIZE, 3 * SIZE, 3), np.uint8)
+    img[:, SIZE : 2 * SIZE] = 100
+    img[:, 2 * SIZE :] = 200
+    x = eval_transform(_data_cfg(), dict(mean=(0.0,), std=(1.0,)))(img)
+    assert x.shape == (3, SIZE, SIZE)
+    torch.testing.assert_close(x, torch.full((3, SIZE, SIZE), 100 / 255.0))
+    # a larger image is first shrunk so its shorter side is image_size
+    big = np.repeat(np.repeat(img, 3, axis=0), 3, axis=1)
+    torch.testing.assert_close(eval_transform(_data_cfg(), dict(mean=(0.0,), std=(1.0,)))(big), x)
+
+
+def test_grayscale_and_flip_settings_respected(tiny_cache):
+    """With grayscale_p=1 the contrastive views have equal channels; view 0 keeps colour."""
+    rows = tiny_cache.split_indices("train")[:2]
+    cfg = _data_cfg(grayscale_p=1.0, color_jitter_p=0.0, strong_ops=0)
+    x = CacheDataset(tiny_cache, rows, train_transform(cfg, dict(mean=(0.0,), std=(1.0,)), 3), seed=0)[0][0]
+    for v in (1, 2):
+        assert torch.allclose(x[v, 0], x[v, 1], atol=1 / 255) and torch.allclose(x[v, 1], x[v, 2], atol=1 / 255)
+    assert not torch.allclose(x[0, 0], x[0, 2], atol=1 / 255)
+
+
+def test_sampler_in_loader_is_config_kind(tiny_cache):
+    loader = create_train_loader(tiny_cache, _data_cfg(), _train_cfg(sampler="class_balanced", batch_size=4), 1, NORM, epoch=0)
+    labels = torch.cat([y for _, y, _ in loader])
+    assert loader.sampler.sampler.kind == "class_balanced" and len(labels) == 48
+    x = next(iter(loader))[0]
+    assert x.shape == (4, 1, 3, SIZE, SIZE)
+
+
+def test_distributed_ranks_get_disjoint_batches(tiny_cache):
+    loaders = [create_train_loader(tiny_cache, _data_cfg(), _train_cfg(), 1, NORM, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    rows = [torch.cat([i for _, _, i in ld]).tolist() for ld in loaders]
+    assert len(rows[0]) == len(rows[1]) == 24
+    assert not set(rows[0]) & set(rows[1])
+
+
+def test_batch_larger_than_train_split_raises(tiny_cache):
+    with pytest.raises(PipelineError, match=r"has 48 labelled images, fewer than one batch \(train.batch_size=64"):
+        create_train_loader(tiny_cache, _data_cfg(), _train_cfg(batch_size=64), 3, NORM)
+
+
+def test_unknown_eval_split_raises(tiny_cache):
+    with pytest.raises(ConfigError, match="eval.split: 'valid' is not allowed"):
+        create_eval_loader(tiny_cache, "valid", _data_cfg(), NORM, batch_size=4)

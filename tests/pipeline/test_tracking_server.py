@@ -1,0 +1,109 @@
+"""Train and evaluate against a real MLflow tracking server over HTTP, then read the metrics back.
+
+Why: users point `tracking.uri` at a shared `mlflow server`; the file/sqlite stores the other
+tests use do not exercise the REST client, proxied artifact upload (`--serve-artifacts`) or the
+re-opening of a run by id over HTTP. The server runs as a subprocess on a free local port with a
+sqlite backend and an artifact folder in the test's temporary directory; every wait is bounded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
+evalkit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evalkit)
+
+pytestmark = pytest.mark.slow  # ~1-2 min on 2 CPU cores: server start, training with model export, evaluation
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_command() -> list[str]:
+    exe = Path(sys.executable).with_name("mlflow")
+    return [str(exe)] if exe.is_file() else [shutil.which("mlflow") or "mlflow"]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    cmd = [*_mlflow_command(), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path}/db.sqlite",
+           "--artifacts-destination", str(tmp_path / "art"), "--serve-artifacts", "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after 90 s:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (uvicorn workers included)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_train_and_evaluate_over_http_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline.evaluate import run_evaluate
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cache = evalkit.build_cache(tmp_path / "cache", seed=6)
+        trained = evalkit.train_tiny(cache, tmp_path / "runs", mlflow_server, method="ce", run_name="http-run")
+        assert trained.tracking_uri == mlflow_server
+        result = run_evaluate(str(trained.run_dir), split="test", n_bootstrap=100)
+    finally:
+        torch.set_num_threads(before)
+
+    assert result.run_id == trained.run_id  # the training run was re-opened over HTTP
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(trained.run_id)
+    assert run.info.status == "FINISHED"
+    logged = run.data.metrics
+    assert logged["test/balanced_accuracy"] == pytest.approx(result.metrics["balanced_accuracy"])
+    assert logged["test/ece"] == pytest.approx(result.metrics["ece"])
+    assert logged["test/balanced_accuracy_ci_low"] == pytest.approx(result.metrics["balanced_accuracy_ci_low"])
+    assert "val/balanced_accuracy" in logged  # training's own metrics are in the same run
+    report = {a.path for a in client.list_artifacts(trained.run_id, "report")}
+    assert "report/report.html" in report
+    # the artifact went through the server's proxy into its artifact folder
+    assert list((tmp_path / "art").rglob("report.html"))

@@ -1,0 +1,327 @@
+"""Training engine: run folder, MLflow logging, exact resume, NaN stop, init_from, DDP launch."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_prep import CacheWriter
+from pipeline import tracking
+from pipeline.checkpoint import BEST, LAST, load_checkpoint
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.train import (
+    _init_from, _resume_config, cosine_with_warmup, rng_state, run_train, set_rng_state,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+EPOCHS, STEPS = 3, 2
+
+
+def make_cache(out: Path, counts=(12, 8, 8), size: int = 36, seed: int = 0, names=None) -> Path:
+    """A tiny dermoscopy-like cache: class k brightens colour channel k; every 4th image is val/test."""
+    rng = np.random.default_rng(seed)
+    names = names or [f"C{k}" for k in range(len(counts))]
+    images, rows = [], []
+    for k, n in enumerate(counts):
+        for i in range(n):
+            im = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            im[..., k % 3] += 150
+            images.append(im)
+            split = "train" if n < 4 else ["train", "train", "val", "test"][i % 4]
+            rows.append(dict(image=f"img{k}_{i}", label=names[k], split=split, group=f"g{k}_{i}"))
+    writer = CacheWriter(out, f"{seed:032d}")
+    writer.start()
+    writer.write_shard(0, images)
+    return writer.finalize(pd.DataFrame(rows), 1, {"kind": "dermoscopy", "class_names": list(names)})
+
+
+def tiny_cfg(cache: Path, out: Path, run_name: str, *extra: str):
+    return load_config(None, [
+        f"data.cache={cache}", "data.image_size=32", "data.num_workers=0", "data.pin_memory=false",
+        "model.backbone=test_resnet", "method.name=ecl", f"train.epochs={EPOCHS}", "train.batch_size=6",
+        f"train.max_steps_per_epoch={STEPS}", "train.warmup_epochs=1", "train.lr=0.05", "train.device=cpu",
+        f"train.output_dir={out}", f"train.run_name={run_name}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+        "tracking.experiment=test-train", "eval.batch_size=16", *extra,
+    ])
+
+
+class _Faulty:
+    """Wraps a Method; on its `at`-th training call runs `action(result)` (interrupt or poison)."""
+
+    def __init__(self, inner, at: int, action):
+        self.inner, self.at, self.action, self.calls = inner, at, action, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, out, labels):
+        result = self.inner(out, labels)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                return self.action(result)
+        return result
+
+
+def _inject(monkeypatch, at: int, action) -> None:
+    import pipeline.registry as registry
+
+    real = registry.create_method
+    monkeypatch.setattr(registry, "create_method", lambda *a, **k: _Faulty(real(*a, **k), at, action))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def cache(work) -> Path:
+    return make_cache(work / "cache")
+
+
+@pytest.fixture(scope="module")
+def full_run(work, cache):
+    """One uninterrupted ECL run with real MLflow logging (model included); shared by several tests."""
+    return run_train(tiny_cfg(cache, work / "runs", "full"), register="ecl-test-model")
+
+
+# ------------------------------------------------------------------------------------ run folder
+def test_run_folder_holds_config_metrics_and_checkpoints(full_run):
+    run_dir = full_run.run_dir
+    assert (run_dir / "config.yaml").is_file()
+    assert load_config(run_dir / "config.yaml").train.epochs == EPOCHS  # the saved config reloads
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(EPOCHS))
+    for col in ["train/loss", "train/loss/lc", "train/loss/bc", "train/loss/cc", "train/weight/lc", "train/lr",
+                "train/balanced_accuracy", "val/balanced_accuracy", "train/throughput"]:
+        assert col in metrics.columns, col
+    # first-epoch normalisation: epoch 0 trains with weight 1, later epochs with 0.7 / mean(L_LC)
+    assert metrics["train/weight/lc"][0] == 1.0
+    assert metrics["train/weight/lc"][1] == pytest.approx(0.7 / metrics["train/loss/lc"][0], rel=1e-5)
+    # the total is the weighted sum of the logged terms (epoch 0: all weights 1)
+    assert metrics["train/loss"][0] == pytest.approx(
+        metrics["train/loss/lc"][0] + metrics["train/loss/bc"][0] + metrics["train/loss/cc"][0], rel=1e-5)
+    # cosine schedule with one warm-up epoch: after the last step the factor is 0
+    assert metrics["train/lr"].iloc[-1] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["train/lr"][0] == pytest.approx(0.05)
+    last = load_checkpoint(run_dir / LAST)
+    best = load_checkpoint(run_dir / BEST)
+    assert last["epoch"] == EPOCHS - 1
+    assert best["best_val_bacc"] == pytest.approx(max(metrics["val/balanced_accuracy"]))
+    assert best["epoch"] == int(np.argmax(metrics["val/balanced_accuracy"].to_numpy()))  # first best kept
+    assert last["class_names"] == ["C0", "C1", "C2"] and last["class_counts"] == [6, 4, 4]
+    assert last["temperature"] == 1.0 and last["mlflow_run_id"] == full_run.run_id
+    for key in ["optimizer", "scheduler", "scaler", "method_state", "rng", "sampler_epoch", "config",
+                "dataset_sha256", "manifest_sha256", "tracking_uri"]:
+        assert key in last, key
+
+
+def test_mlflow_run_has_params_metrics_tags_artifacts_and_model(full_run, cache):
+    from data_prep import open_cache
+
+    run = tracking.get_run(full_run.tracking_uri, full_run.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "ecl" and run.data.params["train.epochs"] == str(EPOCHS)
+    metrics = pd.read_csv(full_run.run_dir / "metrics.csv")
+    assert run.data.metrics["train/loss"] == pytest.approx(metrics["train/loss"].iloc[-1])
+    for key in ["train/loss/bc", "train/weight/cc", "train/lr", "train/balanced_accuracy", "val/balanced_accuracy",
+                "train/throughput"]:
+        assert key in run.data.metrics, key
+    c = open_cache(cache)
+    tags = run.data.tags
+    assert tags["ecl.method"] == "ecl" and tags["seed"] == "0" and tags["device"] == "cpu"
+    assert tags["ecl.dataset_sha256"] == c.dataset_sha256 and tags["ecl.manifest_sha256"] == c.manifest_sha256
+    assert Path(tags["ecl.run_dir"]) == full_run.run_dir.resolve()
+    assert tags["torch_version"] == torch.__version__
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=full_run.tracking_uri)
+    assert [a.path for a in client.list_artifacts(full_run.run_id, "checkpoints")] == ["checkpoints/checkpoint-best.pt"]
+    versions = client.search_model_versions("name='ecl-test-model'")
+    assert len(versions) == 1 and versions[0].run_id == full_run.run_id
+    # the logged model gives the raw logits of the best checkpoint
+    from pipeline.checkpoint import load_trained_model
+
+    model = mlflow.pytorch.load_model(f"models:/ecl-test-model/{versions[0].version}")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = load_trained_model(full_run.run_dir).network(x)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_resume_after_interrupt_ends_with_identical_weights(full_run, work, cache, monkeypatch):
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)  # 9 s each; tested above
+
+    def interrupt(result):
+        raise KeyboardInterrupt
+
+    _inject(monkeypatch, STEPS + 2, interrupt)  # epoch 2, step 2: one optimizer step past the checkpoint
+    cfg = tiny_cfg(cache, work / "runs", "killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg)
+    run_dir = work / "runs" / "killed"
+    assert load_checkpoint(run_dir / LAST)["epoch"] == 0
+    assert len(pd.read_csv(run_dir / "metrics.csv")) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+
+    resumed = run_train(load_config(), resume=str(run_dir))  # no config given: the run's own is used
+    a = load_checkpoint(full_run.run_dir / LAST)
+    b = load_checkpoint(resumed.run_dir / LAST)
+    assert b["epoch"] == EPOCHS - 1
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, sa in a["optimizer"]["state"].items():
+        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["method_state"] == b["method_state"]
+    ma, mb = pd.read_csv(full_run.run_dir / "metrics.csv"), pd.read_csv(resumed.run_dir / "metrics.csv")
+    cols = [c for c in ma.columns if not c.endswith(("throughput", "seconds"))]
+    pd.testing.assert_frame_equal(ma[cols], mb[cols])
+    # the same MLflow run was re-opened and finished
+    assert resumed.run_id == b["mlflow_run_id"] == load_checkpoint(run_dir / LAST)["mlflow_run_id"]
+    assert tracking.get_run(resumed.tracking_uri, resumed.run_id).info.status == "FINISHED"
+
+
+def test_resume_config_honours_epochs_and_ignores_other_keys():
+    saved = load_config(None, ["train.epochs=3", "train.lr=0.05", "data.cache=/c"])
+    cfg, notices = _resume_config(load_config(None, ["train.epochs=5", "train.lr=0.2"]), saved)
+    assert cfg.train.epochs == 5 and cfg.train.lr == 0.05 and cfg.data.cache == "/c"
+    assert any("train.lr" in n for n in notices) and any("3 -> 5" in n for n in notices)
+    same, quiet = _resume_config(load_config(), saved)  # nothing asked: the saved config, no notices
+    assert same == saved and quiet == []
+
+
+def test_resume_without_checkpoint_is_pipeline_error(tmp_path):
+    with pytest.raises(PipelineError, match=str(tmp_path)):
+        run_train(load_config(), resume=str(tmp_path))
+
+
+def test_new_run_refuses_an_existing_run_folder(full_run, work, cache):
+    with pytest.raises(PipelineError, match="--resume"):
+        run_train(tiny_cfg(cache, work / "runs", "full"))
+
+
+# ------------------------------------------------------------------------------------ failures
+def test_nonfinite_loss_stops_naming_epoch_step_and_term(work, cache, monkeypatch):
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+
+    def poison(result):
+        terms = dict(result.terms, bc=result.terms["bc"] * float("nan"))
+        return type(result)(total=result.total + terms["bc"], terms=terms)
+
+    _inject(monkeypatch, STEPS + 1, poison)  # epoch 2, step 1
+    with pytest.raises(PipelineError) as err:
+        run_train(tiny_cfg(cache, work / "runs", "nan"))
+    msg = str(err.value)
+    assert "epoch 2" in msg and "step 1" in msg and "non-finite: total, bc" in msg
+    last = load_checkpoint(work / "runs" / "nan" / LAST)  # the last good checkpoint survives
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_missing_cache_is_one_line_error(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        run_train(tiny_cfg(tmp_path / "nope", tmp_path / "runs", "x"))
+
+
+def test_class_without_training_images_is_named(tmp_path):
+    cache = make_cache(tmp_path / "cache", counts=(12, 8, 2))  # class C2: 2 images, both "train"...
+    df = pd.read_csv(cache / "manifest.csv")
+    df.loc[df["label"] == "C2", "split"] = "test"  # ...moved to test: no C2 training image
+    df.to_csv(cache / "manifest.csv", index=False)
+    with pytest.raises(PipelineError, match=r"\['C2'\]"):
+        run_train(tiny_cfg(cache, tmp_path / "runs", "x"))
+
+
+# ------------------------------------------------------------------------------------ init_from
+def test_init_from_loads_backbone_and_resets_classifier_for_new_classes(full_run, tmp_path):
+    from pipeline.models import create_network
+
+    cfg = tiny_cfg(tmp_path, tmp_path, "child")
+    net = create_network(cfg.model, 4, proj_head=True)
+    parent, notices = _init_from(net, str(full_run.run_dir), ["A", "B", "C", "D"], cfg, full_run.tracking_uri)
+    best = load_checkpoint(full_run.run_dir / BEST)["model"]
+    own = net.state_dict()
+    assert parent == full_run.run_id
+    assert own["weight"].shape[0] == 4
+    backbone = [k for k in best if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(own[k], best[k]) for k in backbone)
+    assert all(torch.equal(own[k], best[k]) for k in best if k.startswith("projection."))
+    assert any("re-initialised" in n for n in notices)
+    # same number of classes, other names: classifier and prototype head are still fresh
+    same_shape = create_network(cfg.model, 3, proj_head=True)
+    _init_from(same_shape, str(full_run.run_dir), ["A", "B", "C"], cfg, full_run.tracking_uri)
+    fresh = same_shape.state_dict()
+    assert not torch.equal(fresh["weight"], best["weight"])
+    assert all(not torch.equal(fresh[k], best[k]) for k in best if k.startswith("prototype_head.") and k.endswith("weight"))
+    assert all(torch.equal(fresh[k], best[k]) for k in backbone)
+
+
+def test_init_from_other_backbone_is_pipeline_error(full_run, tmp_path):
+    from pipeline.models import create_network
+
+    cfg = tiny_cfg(tmp_path, tmp_path, "child", "model.backbone=resnet10t")
+    with pytest.raises(PipelineError, match="init_from"):
+        _init_from(create_network(cfg.model, 3), str(full_run.run_dir), ["C0", "C1", "C2"], cfg, None)
+
+
+def test_init_from_run_id_trains_and_tags_parent(full_run, work, cache, monkeypatch):
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    child = run_train(tiny_cfg(cache, work / "runs", "child", "train.epochs=1", f"train.init_from={full_run.run_id}"))
+    assert tracking.get_run(child.tracking_uri, child.run_id).data.tags["ecl.parent_run"] == full_run.run_id
+
+
+# ------------------------------------------------------------------------------------ pieces
+def test_cosine_with_warmup_factors():
+    f = cosine_with_warmup(10, 2)
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0)
+    assert f(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert f(10) == pytest.approx(0.0)
+
+
+def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path):
+    import random
+
+    from pipeline.checkpoint import save_checkpoint
+
+    state = rng_state()
+    save_checkpoint(tmp_path / "c.pt", {"model": {}, "config": {}, "rng": state})
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+# ------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(work, cache, tmp_path):
+    out = tmp_path / "runs"
+    args = [f"data.cache={cache}", "data.image_size=32", "data.num_workers=0", "model.backbone=test_resnet",
+            "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2", "train.device=cpu",
+            f"train.output_dir={out}", "train.run_name=ddp", f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "pipeline.train"] + [a for s in args for a in ("--set", s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / "ddp" / LAST)
+    assert ckpt["epoch"] == 0 and (out / "ddp" / BEST).is_file()
+    assert tracking.get_run(ckpt["tracking_uri"], ckpt["mlflow_run_id"]).data.tags["world_size"] == "2"
