@@ -12,13 +12,15 @@ One run, same backbone, batch and step on both sides (nanoGPT's `bench.py` with 
 
 Targets: (b) >= 85 % of (a) in samples/s; ECL loss < 3 % of a step.
 
+(d) the loader alone, no model running: the rate the data path can sustain.
+
 On a GPU: ResNet-50 at 224 px, bf16 autocast, channels_last, batch 64, workers = all cores. On a
-CPU: a small backbone (resnet18 at 96 px, batch 32, a few steps); there the loader's workers compete
-with the model for the same cores, so (b)/(a) mostly measures that competition.
+CPU: a small backbone (resnet18 at 96 px, batch 32, a few steps), one loader worker and the other
+cores for torch; the model and the worker share the machine, so (b)/(a) also measures contention.
 
 Run:
     python benchmarks/bench_train.py                       # defaults for the device found
-    python benchmarks/bench_train.py --backbone resnet50 --image-size 224 --batch-size 128 --steps 50
+    python benchmarks/bench_train.py --backbone resnet50 --image-size 224 --batch-size 128 --steps 200
 """
 from __future__ import annotations
 
@@ -123,6 +125,15 @@ class Stepper:
         return t
 
 
+def _endless(loader):
+    """Batches across epochs (the sampler's next epoch after each pass), as a training run sees them."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def view_major(x: torch.Tensor) -> torch.Tensor:
     """[B, V, 3, H, W] -> [V*B, 3, H, W], rows [0:B] view 0, [B:2B] view 1, ..."""
     b, v = x.shape[:2]
@@ -135,10 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--backbone", default=None, help="default: resnet50 on GPU, resnet18 on CPU")
     parser.add_argument("--image-size", type=int, default=None, help="default: 224 on GPU, 96 on CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on GPU, 32 on CPU")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default 40 GPU, 6 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed model-only steps (default 100 GPU, 6 CPU); the full pipeline runs at least 3 loader queues")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 GPU, 2 CPU)")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: all cores on GPU, 2 on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: all cores on GPU, 1 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default on CPU: cores - workers)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu")
@@ -146,11 +157,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     backbone = args.backbone or ("resnet50" if gpu else "resnet18")
     size = args.image_size or (224 if gpu else 96)
     batch = args.batch_size or (64 if gpu else 32)
-    steps = args.steps or (40 if gpu else 6)
+    steps = args.steps or (100 if gpu else 6)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
-    workers = args.workers if args.workers is not None else ((os.cpu_count() or 2) if gpu else 2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cores = os.cpu_count() or 2
+    # GPU: every core feeds the loader. CPU: one worker, the other cores compute (sharing cores
+    # between workers and torch's OpenMP threads makes both crawl).
+    workers = args.workers if args.workers is not None else (cores if gpu else 1)
+    threads = args.threads or (None if gpu else max(1, cores - workers))
+    if threads:
+        torch.set_num_threads(threads)
     amp_dtype = torch.bfloat16 if gpu else None
     channels_last = gpu
     if gpu:
@@ -165,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     network.train()
     norm = model_data_config(network)
 
-    n_images = batch * (steps + warmup) + batch
+    n_images = max(8 * batch, 512)
     short_side = int(round(size / 0.875))
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         t0 = time.perf_counter()
@@ -192,37 +207,50 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parts = [stepper.timed_step(x_rand, y_rand) for _ in range(max(3, steps // 2))]
         part = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
 
-        # (b) full pipeline: cache -> 3 augmented views -> device -> the same step
+        # (b) full pipeline: cache -> 3 augmented views -> device -> the same step. The loader's
+        # queue (workers x prefetch_factor batches) is full after warm-up, so the timed run is
+        # at least 3 queues long: a loader slower than the model cannot hide behind its buffer.
         data_cfg = DataConfig(image_size=size, num_workers=workers, pin_memory=True, persistent_workers=True)
         train_cfg = TrainConfig(batch_size=batch, seed=0, sampler="random")
         loader = create_train_loader(cache, data_cfg, train_cfg, n_views=n_views, norm=norm, seed=0, epoch=0)
-        it = iter(loader)
+        full_steps = max(steps, 3 * workers * (loader.prefetch_factor or 0))
+        batches = _endless(loader)
         for _ in range(warmup):  # starts the workers and fills their prefetch queues
-            x, y, _ = next(it)
+            x, y, _ = next(batches)
             stepper.step(view_major(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            x, y, _ = next(it)
+        for _ in range(full_steps):
+            x, y, _ = next(batches)
             stepper.step(view_major(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
         _sync(device)
         full_s = time.perf_counter() - t0
-        del it, loader
+
+        # (d) the loader alone (no model running): how many samples/s the data path can feed
+        for _ in range(2 * workers * (loader.prefetch_factor or 1)):  # drain what was prefetched
+            next(batches)
+        t0 = time.perf_counter()
+        for _ in range(full_steps):
+            next(batches)
+        loader_s = time.perf_counter() - t0
+        del batches, loader
 
     model_sps = steps * batch / model_s
-    full_sps = steps * batch / full_s
+    full_sps = full_steps * batch / full_s
+    loader_sps = full_steps * batch / loader_s
     ratio = full_sps / model_sps
     share = part["loss"] / part["step"]
     print(f"device {device} ({torch.cuda.get_device_name(device) if gpu else f'{torch.get_num_threads()} threads'}), "
           f"backbone {backbone}, {size} px, batch {batch} x {n_views} views, amp {amp_dtype}, "
-          f"channels_last {channels_last}, workers {workers}, {steps} timed steps (+{warmup} warm-up)")
+          f"channels_last {channels_last}, workers {workers}, {steps}/{full_steps} timed steps model/full (+{warmup} warm-up)")
     print(f"cache: {n_images} images at short side {short_side} built in {build_s:.1f} s")
     print(f"model only    : {model_sps:8.1f} samples/s  {model_sps * n_views:8.1f} views/s")
     print(f"full pipeline : {full_sps:8.1f} samples/s  {full_sps * n_views:8.1f} views/s")
+    print(f"loader alone  : {loader_sps:8.1f} samples/s  {loader_sps * n_views:8.1f} views/s  ({full_steps} batches)")
     print(f"ratio full / model only: {ratio:.1%}  (target >= 85 %: {'met' if ratio >= 0.85 else 'NOT met'})")
     print("step parts (median, synchronised): " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in part.items()))
     print(f"ECL loss (forward + backward) share of a step: {share:.2%}  (target < 3 %: {'met' if share < 0.03 else 'NOT met'})")
-    return dict(model_samples_per_s=model_sps, full_samples_per_s=full_sps, ratio=ratio, loss_share=share, **{f"{k}_s": v for k, v in part.items()})
+    return dict(model_samples_per_s=model_sps, full_samples_per_s=full_sps, loader_samples_per_s=loader_sps, ratio=ratio, loss_share=share, **{f"{k}_s": v for k, v in part.items()})
 
 
 if __name__ == "__main__":

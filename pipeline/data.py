@@ -282,7 +282,7 @@ def _loader_kwargs(data_cfg: DataConfig) -> dict[str, Any]:
         # Set in the parent before the fork (workers inherit it); torch already runs workers with
         # one intra-op thread.
         cv2.setNumThreads(0)
-        kw.update(persistent_workers=bool(data_cfg.persistent_workers), worker_init_fn=_worker_init, prefetch_factor=4)
+        kw.update(persistent_workers=bool(data_cfg.persistent_workers), worker_init_fn=_worker_init)
     return kw
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = ["run_demo", "DemoResult", "demo_config_path"]
 
-_COHORT_DEFAULTS = {"dermoscopy": 600, "ct": 32}
+_COHORT_DEFAULTS = {"dermoscopy": 600, "ct": 80}
 _METHODS = ("ecl", "ce")
 
 

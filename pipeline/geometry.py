@@ -31,6 +31,7 @@ Two halves, both pure (numpy/scipy/cvxpy; no config, no mlflow, no torch require
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -536,7 +537,13 @@ def optimal_gram(proportions: Any, negatives: int = 1, temperature: float = 0.1,
                 # OPTIMAL_INACCURATE is accepted below (at tau = 0.1 Clarabel sometimes stops a hair
                 # short of its 1e-8 gaps; G is then still right to about 1e-5), so its warning is noise.
                 warnings.simplefilter("ignore", UserWarning)
-                problem.solve(solver=name, **_SOLVER_OPTIONS.get(name, {}))
+                cvx_logger = logging.getLogger("__cvxpy__")  # cvxpy logs the same residual notice
+                level = cvx_logger.level
+                cvx_logger.setLevel(logging.ERROR)
+                try:
+                    problem.solve(solver=name, **_SOLVER_OPTIONS.get(name, {}))
+                finally:
+                    cvx_logger.setLevel(level)
         except cp.error.SolverError as err:  # try the next solver
             last = err
             continue

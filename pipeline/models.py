@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +67,8 @@ def _verify_loaded(backbone: nn.Module, path: Path) -> None:
     from timm.models import load_state_dict
 
     file_sd = load_state_dict(str(path), device="cpu")
-    module = __import__(type(backbone).__module__, fromlist=["checkpoint_filter_fn"])
-    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    # timm model files name their key-remapping function checkpoint_filter_fn (by convention)
+    filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             file_sd = filter_fn(file_sd, backbone)
@@ -121,7 +123,7 @@ def create_backbone(name: str, pretrained_file: str | None = None, drop_rate: fl
     overlay = dict(file=str(path), url="", hf_hub_id=None, source="")
     try:
         backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise PipelineError(
             f"model.pretrained_file: could not load {path} into backbone {name!r} ({type(exc).__name__}: "
             f"{_first_lines(exc)}). Check that the file holds weights of "

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 SENTINELS = {
     "PatientName": "Zzsentinel^Patientname",
     "PatientID": "SENTINELPID4242",
     "PatientBirthDate": "18880808",
-    "AccessionNumber": "SENTINELACC777",
+    "AccessionNumber": "SNTLACC77",
     "InstitutionName": "Sentinel Institution Xq",
     "ReferringPhysicianName": "Zzsentinel^Referrer",
     "PerformingPhysicianName": "Zzsentinel^Performer",
@@ -32,7 +30,6 @@ def _needles(prefix_index: int) -> list[bytes]:
     return out
 
 
-@pytest.mark.slow
 def test_no_identifier_in_any_output(tmp_path, capfd):
     import data_prep
     from pipeline.config import load_config
@@ -40,13 +37,15 @@ def test_no_identifier_in_any_output(tmp_path, capfd):
     from pipeline.evaluate import run_evaluate
     from pipeline.train import run_train
 
-    paths = data_prep.generate_ct(tmp_path / "input", n_patients=12, seed=3, sentinels=SENTINELS)
+    paths = data_prep.generate_ct(tmp_path / "input", n_patients=16, seed=3, sentinels=SENTINELS)
+    planted = b"".join(p.read_bytes() for p in Path(paths["images"]).rglob("*") if p.is_file())
+    assert all(needle in planted for needle in _needles(0))  # the search below can fail
     out = tmp_path / "out"
     options = data_prep.PrepareOptions(salt="test-salt-not-secret", ct_image_size=32, workers=1)
     cache = data_prep.prepare_ct(paths["images"], paths["labels"], out / "cache", options)
     cfg = load_config(demo_config_path("ct"), [
         f"data.cache={cache}", f"train.output_dir={out / 'runs'}", "train.epochs=1", "data.image_size=32",
-        "data.num_workers=0", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "eval.n_bootstrap=100",
+        "data.num_workers=0", "train.batch_size=8", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "eval.n_bootstrap=100",
     ])
     run = run_train(cfg)
     run_evaluate(str(run.run_dir), split="test", tracking_uri=cfg.tracking.uri)

@@ -51,7 +51,7 @@ def test_train_views_deterministic_across_worker_counts(tiny_cache):
 
 
 def test_set_epoch_changes_views_and_replays_with_persistent_workers(tiny_cache):
-    loader = create_train_loader(tiny_cache, _data_cfg(2, ), _train_cfg(), 3, NORM, epoch=0)
+    loader = create_train_loader(tiny_cache, _data_cfg(2), _train_cfg(), 3, NORM, epoch=0)
     first = _epoch(loader)
     loader.sampler.set_epoch(1)
     second = _epoch(loader)

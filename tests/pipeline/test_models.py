@@ -100,7 +100,14 @@ def test_channels_last_forward_matches():
     torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_pretrained_file_gives_identical_backbone_weights(tmp_path):
+def test_pretrained_file_gives_identical_backbone_weights(tmp_path, monkeypatch):
+    import timm.models._builder as builder
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    for name in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
+        monkeypatch.setattr(builder, name, no_network)
     torch.manual_seed(7)
     source = timm.create_model("test_resnet", pretrained=False)  # with its 1000-class head, as published weights are
     path = tmp_path / "test_resnet.pth"
@@ -125,6 +132,9 @@ def test_pretrained_file_of_other_architecture_raises(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"encoder.layer.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(PipelineError, match=r"holds weights for only 0 of the \d+ tensors"):
+        create_network(ModelConfig(backbone="test_resnet", pretrained_file=str(path)), num_classes=C)
+    path.write_text("not a weights file")
+    with pytest.raises(PipelineError, match=r"could not load .*other.pth into backbone 'test_resnet'"):
         create_network(ModelConfig(backbone="test_resnet", pretrained_file=str(path)), num_classes=C)
     torch.save(timm.create_model("resnet18").state_dict(), path)  # same keys, other shapes
     with pytest.raises(PipelineError, match=r"could not load .*other.pth into backbone 'test_resnet'"):

@@ -25,7 +25,6 @@ _spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_n
 evalkit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(evalkit)
 
-pytestmark = pytest.mark.slow  # ~1-2 min on 2 CPU cores: server start, training with model export, evaluation
 
 
 def _free_port() -> int:
