@@ -89,8 +89,9 @@ def _tracking_uri_for_lookup(tracking_uri: str | None) -> str:
 def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tuple[Path, str | None]:
     """Map a reference to a local checkpoint file; returns (path, mlflow run id or None).
 
-    `ref` is a checkpoint file, a run folder (its checkpoint-best.pt) or an MLflow run id
-    (32 hex digits, or runs:/<id>): the run's tag `ecl.run_dir` is used when that folder exists
+    `ref` is a checkpoint file, a run folder (its checkpoint-best.pt), an MLflow run id
+    (32 hex digits, or runs:/<id>) or a registered model (models:/NAME/VERSION or
+    models:/NAME/latest, followed to the run that logged it): the run's tag `ecl.run_dir` is used when that folder exists
     here, else the `checkpoints/checkpoint-best.pt` artifact is downloaded.
 
     Raises:
@@ -106,12 +107,20 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tupl
             raise PipelineError(f"run folder {path} has no {BEST}: the run has not finished an epoch yet; "
                                 f"resume it with `ecl train --resume {path}`")
         return best, None
-    match = _RUN_ID.match(text)
-    if match is None:
-        raise PipelineError(f"model reference {text!r} is not a checkpoint file, a run folder or an MLflow run id")
-    run_id = match.group(2)
     from . import tracking
 
+    if text.startswith("models:/"):
+        # a registered model: follow its version back to the training run that logged it
+        uri = _tracking_uri_for_lookup(tracking_uri)
+        try:
+            text = tracking.registered_model_run_id(uri, text)
+        except Exception as exc:  # noqa: BLE001 - mlflow raises its own types for a missing model
+            raise PipelineError(f"registered model {ref!r} was not found in {uri} ({exc})") from None
+    match = _RUN_ID.match(text)
+    if match is None:
+        raise PipelineError(f"model reference {text!r} is not a checkpoint file, a run folder, an MLflow run id "
+                            f"or a registered model (models:/NAME/VERSION)")
+    run_id = match.group(2)
     uri = _tracking_uri_for_lookup(tracking_uri)
     try:
         run = tracking.get_run(uri, run_id)

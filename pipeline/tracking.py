@@ -20,7 +20,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 __all__ = [
     "resolve_tracking_uri", "ensure_experiment", "start_run", "log_params", "log_metrics", "set_tags",
     "log_artifact", "log_artifacts", "log_text", "log_dict", "log_torch_model",
-    "pinned_requirements", "get_run", "download_artifacts",
+    "pinned_requirements", "registered_model_run_id", "get_run", "download_artifacts",
     "search_runs", "sanitize_metric_name",
 ]
 
@@ -184,6 +184,24 @@ def log_torch_model(model: Any, input_example: Any, name: str = "model", registe
         serialization_format=serialization_format,
     )
     return info.model_uri
+
+
+def registered_model_run_id(uri: str, model_uri: str) -> str:
+    """The run id behind `models:/NAME/VERSION` (or `models:/NAME/latest`)."""
+    mlflow = _mlflow()
+    parts = model_uri[len("models:/"):].strip("/").split("/")
+    if len(parts) != 2 or not parts[0]:
+        raise ValueError(f"expected models:/NAME/VERSION, got {model_uri!r}")
+    name, version = parts
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if version == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ValueError(f"no versions of {name!r}")
+        mv = max(versions, key=lambda v: int(v.version))
+    else:
+        mv = client.get_model_version(name, version)
+    return str(mv.run_id)
 
 
 def get_run(uri: str, run_id: str) -> Any:

@@ -170,3 +170,44 @@ def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_pa
         assert open(path, "rb").read().startswith(PNG_SIGNATURE)
     assert (tmp_path / "geometry-val-gram-projection.png").exists()
     assert "Learned geometry of runs/x on the val split" in capsys.readouterr().out
+
+
+def test_run_geometry_of_a_trained_run_matches_measure_geometry(tmp_path):
+    """`ecl geometry --run` on a real checkpoint (not stand-ins): learned metrics and heat maps."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from data_prep import open_cache
+    from pipeline.checkpoint import load_trained_model
+    from pipeline.data import create_eval_loader
+    from pipeline.geometry import measure_geometry
+    from pipeline.models import model_data_config
+    from pipeline.geometry_stage import run_geometry
+
+    spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
+    evalkit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evalkit)
+    cache_dir = evalkit.build_cache(tmp_path / "cache")
+    run_dir = evalkit.make_run(cache_dir, tmp_path / "runs", None, steps=4, mlflow_run=False)
+
+    result = run_geometry(run_ref=str(run_dir), split="val", out_dir=tmp_path / "geo")
+    pngs = sorted(p.name for p in (tmp_path / "geo").glob("*.png"))
+    assert pngs and all((tmp_path / "geo" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in pngs)
+
+    model = load_trained_model(run_dir)
+    cache = open_cache(cache_dir)
+    feats, labels = [], []
+    with torch.no_grad():
+        for x, y, _ in create_eval_loader(cache, "val", model.config.data, model_data_config(model.network), 64):
+            feats.append(model.network(x, return_all=True)["h"])
+            labels.append(y)
+    h = torch.cat(feats).numpy()
+    y = torch.cat(labels).numpy()
+    direct = measure_geometry(h, y, classifier_weight=model.network(torch.zeros(1, 3, 32, 32), return_all=True)["weight"].detach().numpy())
+    metrics = result["metrics"] if "metrics" in result else result
+    flat = {k.split("/", 1)[-1]: v for k, v in metrics.items() if isinstance(v, float) and k.startswith("backbone/")}
+    assert flat, metrics.keys()
+    for key in ("FC", "MS", "SD", "NC1"):
+        assert flat[key] == pytest.approx(direct[key], rel=1e-4)

@@ -289,6 +289,22 @@ def test_init_from_run_id_trains_and_tags_parent(full_run, work, cache, monkeypa
     assert tracking.get_run(child.tracking_uri, child.run_id).data.tags["ecl.parent_run"] == full_run.run_id
 
 
+def test_init_from_registered_model_resolves_to_its_run(full_run, work, cache, monkeypatch):
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    child = run_train(tiny_cfg(cache, work / "runs", "child-registry", "train.epochs=1",
+                               "train.init_from=models:/ecl-test-model/latest"))
+    assert tracking.get_run(child.tracking_uri, child.run_id).data.tags["ecl.parent_run"] == full_run.run_id
+
+
+def test_unknown_registered_model_is_pipeline_error(full_run):
+    from pipeline.checkpoint import resolve_checkpoint
+
+    with pytest.raises(PipelineError, match="registered model 'models:/no-such-model/1' was not found"):
+        resolve_checkpoint("models:/no-such-model/1", full_run.tracking_uri)
+
+
 # ------------------------------------------------------------------------------------ pieces
 def test_cosine_with_warmup_factors():
     f = cosine_with_warmup(10, 2)
