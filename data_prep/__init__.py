@@ -15,6 +15,7 @@ __all__ = [
     "Cache", "CacheWriter", "open_cache",
     # errors and io
     "DataPrepError", "atomic_open", "atomic_write_bytes", "atomic_write_text", "file_sha256", "bytes_sha256",
+    "read_user_csv",
     # preparation
     "PrepareOptions", "CTOptions", "prepare_isic2019", "prepare_csv", "prepare_ct", "make_split",
     # readers
@@ -29,9 +30,9 @@ _WHERE = {
     "Cache": "cache", "CacheWriter": "cache", "open_cache": "cache",
     "DataPrepError": "errors",
     "atomic_open": "io", "atomic_write_bytes": "io", "atomic_write_text": "io",
-    "file_sha256": "io", "bytes_sha256": "io",
+    "file_sha256": "io", "bytes_sha256": "io", "read_user_csv": "io",
     "PrepareOptions": "options", "CTOptions": "options",
-    "prepare_isic2019": "prepare_dermoscopy", "prepare_csv": "prepare_dermoscopy", "prepare_ct": "prepare_ct",
+    "prepare_isic2019": "prepare_dermoscopy", "prepare_csv": "prepare_dermoscopy", "prepare_ct": "prepare_lung_ct",
     "make_split": "splits",
     "Volume": "dicom", "load_series": "dicom",
     "load_image_file": "images",

@@ -19,6 +19,7 @@ from typing import Sequence
 import pandas as pd
 
 from .errors import DataPrepError
+from .io import read_user_csv
 from .isic import format_items, METADATA_COLUMNS
 
 __all__ = ["Cohort", "read_cohort_csv", "is_archive_export"]
@@ -78,14 +79,9 @@ def read_cohort_csv(
             `class_names`, or absent image files; each lists the rows (1-based data rows).
     """
     csv_path, image_root = Path(csv_path), Path(image_root)
-    if not csv_path.is_file():
-        raise DataPrepError(f"Cohort CSV {csv_path} does not exist. Check the path.", str(csv_path))
+    df = read_user_csv(csv_path, f"Cohort CSV {csv_path} does not exist. Check the path.")
     if not image_root.is_dir():
         raise DataPrepError(f"Image folder {image_root} does not exist. Check --image-root.", str(image_root))
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataPrepError(f"{csv_path}: cannot be read as CSV ({exc}). Save it as comma-separated UTF-8.", str(csv_path)) from None
     notices: list[str] = []
     archive = is_archive_export(df.columns) and image_column not in df.columns
     if archive:

@@ -1,4 +1,4 @@
-"""Atomic writes and content hashing, shared by every stage.
+"""Atomic writes, content hashing and strict reading of the user's CSVs, shared by every stage.
 
 Why: a crash or Ctrl-C must never leave a half-written manifest, cache or checkpoint behind.
 Every output goes to a temporary file in the same folder and is moved into place with
@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "file_sha256", "bytes_sha256"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "file_sha256", "bytes_sha256", "read_user_csv"]
 
 
 @contextlib.contextmanager
@@ -66,3 +66,24 @@ def bytes_sha256(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8")
     return hashlib.sha256(data).hexdigest()
+
+
+def read_user_csv(path: str | os.PathLike, missing: str, fix: str = "Save it as comma-separated UTF-8."):
+    """Read a user-supplied CSV as strings (no NA guessing), or raise one clear DataPrepError.
+
+    Args:
+        path: the CSV file.
+        missing: the whole message when the file does not exist.
+        fix: the sentence that follows "<path>: cannot be read as CSV (<reason>)." when parsing fails.
+    """
+    import pandas as pd
+
+    from .errors import DataPrepError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataPrepError(missing, str(path))
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataPrepError(f"{path}: cannot be read as CSV ({exc}). {fix}", str(path)) from None

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataPrepError
+from .io import read_user_csv
 from .images import IMAGE_SUFFIXES
 
 __all__ = [
@@ -55,13 +56,7 @@ def format_items(items: list, limit: int = 10) -> str:
 
 
 def _read_csv(path: str | os.PathLike, what: str) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise DataPrepError(f"{what} {path} does not exist. Check the path.", str(path))
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataPrepError(f"{path}: cannot be read as CSV ({exc}). Save it as comma-separated UTF-8.", str(path)) from None
+    return read_user_csv(path, f"{what} {Path(path)} does not exist. Check the path.")
 
 
 @dataclass

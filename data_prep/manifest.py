@@ -19,6 +19,7 @@ import pandas as pd
 
 from .cache import MANIFEST_COLUMNS, SPLITS
 from .errors import DataPrepError
+from .io import read_user_csv
 from .isic import format_items
 
 __all__ = ["build_manifest", "validate_manifest", "read_split_file", "check_groups_disjoint"]
@@ -91,12 +92,7 @@ def read_split_file(path: str | os.PathLike, images: Sequence[str], groups: Sequ
             to the cohort, or is absent; a split is not train/val/test; a group spans splits.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataPrepError(f"Split file {path} does not exist. Check prepare.split_file.", str(path))
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataPrepError(f"{path}: cannot be read as CSV ({exc}). Write it as image,split.", str(path)) from None
+    df = read_user_csv(path, f"Split file {path} does not exist. Check prepare.split_file.", "Write it as image,split.")
     for col in ("image", "split"):
         if col not in df.columns:
             raise DataPrepError(f"{path}: no '{col}' column (columns: {', '.join(df.columns)}). Write the header image,split.", str(path))

@@ -169,10 +169,9 @@ def log_torch_model(model: Any, input_example: Any, name: str = "model", registe
     default "pt2" format runs torch.export on the input example, which specialises the batch
     dimension to 1, so the loaded model would refuse any other batch size.
     """
-    mlflow = _mlflow()
-    import mlflow.pytorch  # noqa: F401
-    from mlflow.models import infer_signature
+    import mlflow.pytorch  # binds `mlflow` with its pytorch flavour loaded
     import torch
+    from mlflow.models import infer_signature
 
     model.eval()
     with torch.no_grad():

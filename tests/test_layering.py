@@ -66,3 +66,17 @@ def _public_names() -> set[str]:
     import data_prep
 
     return set(data_prep.__all__)
+
+
+def test_no_public_function_shares_its_module_name():
+    """A function exported as `pkg.name` from a module `pkg/name.py` is shadowed by the module once
+    anything imports that submodule (import order then decides what `pkg.name` is)."""
+    import importlib
+
+    clashes = []
+    for pkg in ("data_prep", "pipeline"):
+        mod = importlib.import_module(pkg)
+        for name in getattr(mod, "__all__", []):
+            if (ROOT / pkg / f"{name}.py").exists():
+                clashes.append(f"{pkg}.{name}")
+    assert clashes == []

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -15,7 +14,7 @@ from data_prep.cache import open_cache
 from data_prep.deid import IDENTIFYING_TAGS, pseudonym
 from data_prep.errors import DataPrepError
 from data_prep.options import PrepareOptions
-from data_prep.prepare_ct import prepare_ct
+from data_prep.prepare_lung_ct import prepare_ct
 from data_prep.synthetic.ct import generate_ct
 
 SALT = "test-salt-not-secret"
@@ -180,7 +179,7 @@ def test_prepare_ct_sentinels_really_planted_in_input(cohort):
 
 
 def test_prepare_ct_resumes_after_interruption(cohort, tmp_path, monkeypatch, capsys):
-    import data_prep.prepare_ct as mod
+    import data_prep.prepare_lung_ct as mod
 
     real_cut, calls = mod._cut, []
 

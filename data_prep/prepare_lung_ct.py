@@ -56,7 +56,7 @@ from .ct import CHANNEL_MODES, lesion_cube, lung_sample_points, planes_2d, resam
 from .deid import pseudonym
 from .dicom import SeriesInfo, Volume, check_geometry, index_dicom_tree, read_series_volume
 from .errors import DataPrepError
-from .io import atomic_write_text, bytes_sha256, file_sha256
+from .io import atomic_write_text, bytes_sha256, file_sha256, read_user_csv
 from .manifest import read_split_file
 from .nifti import NIFTI_SUFFIXES, load_nifti, nifti_stem
 from .options import PrepareOptions
@@ -122,12 +122,8 @@ def _num(value: str, path: Path, row: int, col: str) -> float | None:
 
 def _read_labels(path: Path, key_col: str) -> tuple[dict[str, list[_Lesion]], list[str]]:
     """Label rows grouped by key, and class names (by frequency, ties by first appearance)."""
-    if not path.is_file():
-        raise DataPrepError(f"Labels CSV {path} does not exist. Pass the CSV with {key_col},label[,center_x_mm,...].", str(path))
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataPrepError(f"{path}: cannot be read as CSV ({exc}). Write it as {key_col},label[,center_x_mm,...].", str(path)) from None
+    df = read_user_csv(path, f"Labels CSV {path} does not exist. Pass the CSV with {key_col},label[,center_x_mm,...].",
+                       f"Write it as {key_col},label[,center_x_mm,...].")
     df.columns = [c.strip() for c in df.columns]
     for col in (key_col, "label"):
         if col not in df.columns:
