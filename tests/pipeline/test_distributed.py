@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,18 @@ def _method_epoch(rank: int) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    # Spawned workers unpickle `_worker` by its module name (tests.pipeline.test_distributed), so
+    # the repository root must be on their sys.path (spawn copies the parent's); appended, so the
+    # installed `pipeline` package still wins over the source tree.
+    root = str(Path(__file__).resolve().parents[2])
+    added = root not in sys.path
+    if added:
+        sys.path.append(root)
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    finally:
+        if added:
+            sys.path.remove(root)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
