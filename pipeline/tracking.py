@@ -8,6 +8,7 @@ Telemetry is switched off: nothing may reach the network at run time.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -177,11 +178,18 @@ def log_torch_model(model: Any, input_example: Any, name: str = "model", registe
     with torch.no_grad():
         out = model(torch.as_tensor(input_example)).cpu().numpy()
     signature = infer_signature(input_example, out)
-    info = mlflow.pytorch.log_model(
-        model, name=name, signature=signature, input_example=input_example, registered_model_name=register,
-        pip_requirements=pip_requirements if pip_requirements is not None else pinned_requirements(),
-        serialization_format=serialization_format,
-    )
+    # MLflow warns about pickle on every call; the choice is deliberate (see above) and documented.
+    flavour_logger = logging.getLogger("mlflow.pytorch")
+    level = flavour_logger.level
+    flavour_logger.setLevel(logging.ERROR)
+    try:
+        info = mlflow.pytorch.log_model(
+            model, name=name, signature=signature, input_example=input_example, registered_model_name=register,
+            pip_requirements=pip_requirements if pip_requirements is not None else pinned_requirements(),
+            serialization_format=serialization_format,
+        )
+    finally:
+        flavour_logger.setLevel(level)
     return info.model_uri
 
 

@@ -372,10 +372,11 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
         if main_rank:
             rows = _read_metrics(run_dir / "metrics.csv", start_epoch - 1)
         set_rng_state(resume_state["rng"])
-        say(f"resume: {run_dir} from epoch {start_epoch + 1}/{cfg.train.epochs}")
         if start_epoch >= cfg.train.epochs:
             say(f"resume: the run already finished {start_epoch} epochs; nothing to train "
                 f"(extend it with --set train.epochs=N)")
+        else:
+            say(f"resume: {run_dir} from epoch {start_epoch + 1}/{cfg.train.epochs}")
 
     # ---------------------------------------------------------------- tracking (rank 0 only)
     tags = {
