@@ -40,6 +40,10 @@ from .errors import PipelineError
 __all__ = ["EvalResult", "SplitPredictions", "run_evaluate", "predict_split", "subgroup_analysis", "age_band",
            "patient_level", "code_version", "main"]
 
+# A stratified bootstrap keeps each class's images fixed, so a class with a handful of images gets
+# an interval far too narrow (zero width with one image); the report flags such intervals.
+SMALL_CLASS_CI_N = 5
+
 #: manifest columns read as subgroup attributes (first present alias wins), in report order
 SUBGROUP_COLUMNS: dict[str, tuple[str, ...]] = {
     "sex": ("sex",),
@@ -574,6 +578,8 @@ def _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_s
                    "n_unlabelled": cohort["n_unlabelled"]},
         "headline": headline,
         "shot_groups": shot_groups,
+        # below this many evaluated images a class's stratified-bootstrap interval is flagged
+        "small_class_n": SMALL_CLASS_CI_N,
         "shot_thresholds": (shots.get("many_shot_min", metrics.MANY_SHOT_MIN), shots.get("few_shot_max", metrics.FEW_SHOT_MAX)),
         "per_class": per_class,
         "figures": {k: report.data_uri(v) for k, v in figures.items()},
