@@ -165,6 +165,9 @@ def _build(plan: _Plan, out_dir: Path, options: PrepareOptions) -> Path:
 
     manifest = build_manifest(plan.images, plan.labels, list(splits), plan.groups, plan.metadata)
     manifest = manifest[keep].reset_index(drop=True)
+    if manifest.empty:
+        raise DataPrepError(f"No readable image is left after quarantining {len(quarantined)} file(s); see "
+                            f"{quarantine_csv}. Check --images/--image-root and the files listed there.", str(quarantine_csv))
     validate_manifest(manifest, plan.class_names)
     meta = {
         "kind": "dermoscopy",

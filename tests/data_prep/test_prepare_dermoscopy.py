@@ -199,3 +199,15 @@ def test_prepare_csv_generic_cohort(tiny_cohort, tmp_path):
     assert list(cache.manifest["label"]) == list(gt.iloc[:, 1:].idxmax(axis=1).str.lower())
     assert cache.meta["source"] == "csv"
     np.testing.assert_array_equal(cache.class_counts("all"), [3] * 8)
+
+
+def test_prepare_csv_every_image_quarantined_is_an_error(tmp_path):
+    from data_prep import DataPrepError, PrepareOptions, prepare_csv
+
+    (tmp_path / "img").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "img" / name).write_bytes(b"not a jpeg")
+    (tmp_path / "m.csv").write_text("image,label\na.jpg,X\nb.jpg,Y\n")
+    with pytest.raises(DataPrepError, match=r"No readable image is left after quarantining 2 file\(s\)"):
+        prepare_csv(tmp_path / "m.csv", tmp_path / "img", tmp_path / "cache", PrepareOptions(on_error="skip", workers=1))
+    assert (tmp_path / "cache" / "quarantine.csv").is_file()
