@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 import data_prep
-from data_prep import atomic_write_text
+from data_prep import atomic_write_text, file_sha256
 
 from . import tracking
 from .checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -441,8 +441,15 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
         if main_rank:
             if not best.is_file():
                 raise PipelineError(f"{run_dir}: no {BEST} was written")
-            tracking.log_artifact(best, artifact_path="checkpoints")
-            _log_final_model(best, cfg, norm, register or cfg.tracking.registered_model)
+            # A resumed run that had already logged these very weights (killed after the model upload,
+            # or resumed once finished) must not log and register them a second time.
+            digest = file_sha256(best)
+            if tracking.get_run(uri, run_id).data.tags.get("ecl.final_model_sha256") == digest:
+                say("the final model of these weights is already logged; not logging it again")
+            else:
+                tracking.log_artifact(best, artifact_path="checkpoints")
+                _log_final_model(best, cfg, norm, register or cfg.tracking.registered_model)
+                tracking.set_tags({"ecl.final_model_sha256": digest})
         barrier()
     cleanup()
     return TrainResult(run_dir=run_dir, run_id=run_id, best_checkpoint=run_dir / BEST, tracking_uri=uri)

@@ -195,6 +195,18 @@ def test_resume_after_interrupt_ends_with_identical_weights(full_run, work, cach
     assert tracking.get_run(resumed.tracking_uri, resumed.run_id).info.status == "FINISHED"
 
 
+def test_resume_of_a_finished_run_does_not_log_the_model_again(full_run, capsys):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=full_run.tracking_uri)
+    before = client.search_logged_models(experiment_ids=[client.get_run(full_run.run_id).info.experiment_id])
+    again = run_train(load_config(full_run.run_dir / "config.yaml"), resume=str(full_run.run_dir))
+    assert again.run_id == full_run.run_id
+    assert "already logged; not logging it again" in capsys.readouterr().out
+    after = client.search_logged_models(experiment_ids=[client.get_run(full_run.run_id).info.experiment_id])
+    assert len(after) == len(before)
+
+
 def test_resume_config_honours_epochs_and_ignores_other_keys():
     saved = load_config(None, ["train.epochs=3", "train.lr=0.05", "data.cache=/c"])
     cfg, notices = _resume_config(load_config(None, ["train.epochs=5", "train.lr=0.2"]), saved)
