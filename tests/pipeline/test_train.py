@@ -316,6 +316,20 @@ def test_unknown_registered_model_is_pipeline_error(full_run):
         resolve_checkpoint("models:/no-such-model/1", full_run.tracking_uri)
 
 
+def test_bf16_autocast_and_channels_last_train_on_cpu(work, cache, monkeypatch):
+    """The GPU recipe's precision and memory-format paths, exercised on CPU (CUDA is not in CI)."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    run = run_train(tiny_cfg(cache, work / "runs", "bf16", "train.epochs=1", "train.amp=bf16",
+                             "train.channels_last=true"))
+    metrics = pd.read_csv(run.run_dir / "metrics.csv")
+    assert np.isfinite(metrics[["train/loss", "train/loss/lc", "train/loss/bc", "train/loss/cc"]].to_numpy()).all()
+    state = load_checkpoint(run.run_dir / LAST)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["config"]["train"]["amp"] == "bf16"
+
+
 # ------------------------------------------------------------------------------------ pieces
 def test_cosine_with_warmup_factors():
     f = cosine_with_warmup(10, 2)
