@@ -409,15 +409,13 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         geometry_section = None
         geometry_note = f"The geometry section is not available ({exc})."
     if geometry_section is not None and pred.h is not None and pred.weight is not None:
-        z = pred.z[labelled] if pred.z is not None else pred.h[labelled]
+        z = pred.z[labelled] if pred.z is not None else None  # None: no projection head
         try:
             geometry = geometry_section(pred.h[labelled], z, y, pred.weight, train_counts, names,
                                         prototypes=pred.prototypes, temperature=cfg.method.temperature)
         except ValueError as exc:  # e.g. a class with too few samples in this split for a covariance
             geometry_note = f"The geometry section could not be computed on this split: {exc}"
         if geometry is not None:
-            if pred.z is None:
-                geometry.sentences.append("This network has no projection head; 'projection' values repeat the backbone's.")
             for key, value in geometry.metrics.items():
                 flat[f"geometry/{key}"] = None if value is None or not math.isfinite(float(value)) else float(value)
 

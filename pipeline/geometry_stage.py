@@ -254,7 +254,9 @@ def geometry_section(features_h: Any, features_z: Any, labels: Any, classifier_w
 
     Args:
         features_h: ``[N, d]`` backbone features.
-        features_z: ``[N, d_z]`` projections (L2-normalised or not; cosines do not care).
+        features_z: ``[N, d_z]`` projections (L2-normalised or not; cosines do not care), or None
+            for a network without a projection head (ce, la, ...): the backbone features then
+            stand in, and a sentence says so.
         labels: ``[N]`` class positions (no -1).
         classifier_weight: ``[C, d]`` raw classifier weight.
         train_class_counts: ``[C]`` training counts, which define the optimum and head/tail.
@@ -271,6 +273,9 @@ def geometry_section(features_h: Any, features_z: Any, labels: Any, classifier_w
     counts = np.asarray(train_class_counts, dtype=np.float64)
     names = _names(class_names, counts.size, "geometry section")
     section = GeometrySection()
+    no_projection = features_z is None
+    if no_projection:
+        features_z = features_h
     gram_opt: np.ndarray | None = None
     if np.all(counts > 0):
         gram_opt, objective = _optimum_for_counts(counts, names, negatives, temperature, "scl")
@@ -323,41 +328,33 @@ def geometry_section(features_h: Any, features_z: Any, labels: Any, classifier_w
     section.sentences.append(
         f"Within-class spread relative to between-class spread (FC) is {m['backbone/FC']:.3g} in the backbone "
         f"and {m['projection/FC']:.3g} in the projection; 0 means every class has collapsed to its mean.")
+    if no_projection:
+        section.sentences.append("This network has no projection head; 'projection' values repeat the backbone's.")
     return section
 
 
 def _extract_features(run_ref: str, split: str, tracking_uri: str | None) -> dict[str, Any]:
-    """Backbone features, projections, labels and heads of a trained run on one split."""
-    try:
-        from pipeline.checkpoint import load_trained_model
-        from pipeline.data import create_eval_loader
-        from pipeline.models import model_data_config
-    except ImportError as err:
-        raise PipelineError(
-            f"ecl geometry --run needs pipeline.checkpoint, pipeline.data and pipeline.models, which could not "
-            f"be imported ({err}); use --counts or --majority/--minority until they are installed") from err
-    import torch
+    """Backbone features, projections, labels and heads of a trained run on one split.
+
+    Prediction is `pipeline.evaluate.predict_split` (the same eval view and batching as the report);
+    z is None for a model without a projection head (`geometry_section` then uses h).
+    """
     import data_prep
+
+    from .checkpoint import load_trained_model
+    from .evaluate import predict_split
 
     trained = load_trained_model(run_ref, device="cpu", tracking_uri=tracking_uri)
     cfg = trained.config
     cache = data_prep.open_cache(cfg.data.cache)
-    loader = create_eval_loader(cache, split, cfg.data, model_data_config(trained.network), cfg.eval.batch_size)
-    hs, zs, ys = [], [], []
-    weight = protos = None
-    with torch.no_grad():
-        for x, y, _ in loader:
-            out = trained.network(x, return_all=True)
-            keep = y >= 0
-            hs.append(out["h"][keep].float().cpu())
-            zs.append(out["z"][keep].float().cpu())
-            ys.append(y[keep].cpu())
-            weight, protos = out["weight"], out.get("prototypes")
-    if not ys or sum(len(y) for y in ys) == 0:
+    pred = predict_split(trained.network, cache, split, cfg.data, cfg.eval.batch_size, device="cpu", features=True)
+    labelled = pred.labels >= 0
+    if pred.h is None or not labelled.any():
         raise PipelineError(f"split {split!r} of cache {cfg.data.cache} has no labelled images; pick another --split")
-    return {"h": torch.cat(hs), "z": torch.cat(zs), "y": torch.cat(ys), "weight": weight, "prototypes": protos,
-            "class_names": list(trained.class_names), "class_counts": list(trained.class_counts),
-            "run_id": trained.run_id}
+    return {"h": pred.h[labelled], "z": None if pred.z is None else pred.z[labelled], "y": pred.labels[labelled],
+            "weight": pred.weight,
+            "prototypes": pred.prototypes, "class_names": list(trained.class_names),
+            "class_counts": list(trained.class_counts), "run_id": trained.run_id}
 
 
 def _run_trained(run_ref: str, split: str, tracking_uri: str | None, negatives: int, temperature: float,

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
 
 from pipeline import geometry
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.geometry_stage import geometry_section, main, run_geometry, two_level_reduction
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -80,12 +79,6 @@ def test_run_geometry_conflicting_arguments_config_error() -> None:
         run_geometry(majority=3, minority=2, temperature=0.0)
 
 
-def test_run_geometry_run_ref_missing_modules_pipeline_error(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "pipeline.checkpoint", None)  # import now raises ImportError
-    with pytest.raises(PipelineError, match="needs pipeline.checkpoint"):
-        run_geometry(run_ref="runs/none")
-
-
 def test_main_bad_arguments_exit_status_2(capsys) -> None:
     assert main(["--counts", "5,0,2"]) == 2
     assert "have no training samples" in capsys.readouterr().err
@@ -121,25 +114,20 @@ def test_geometry_section_collapse_predicted_sentence() -> None:
 
 
 def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_path, capsys) -> None:
-    """The --run path against stand-ins honouring architecture.md's contracts (real ones come later)."""
+    """The --run path with the model loader and the split prediction replaced by stand-ins."""
     import types
 
-    import torch
-
     import data_prep
+    import pipeline.checkpoint as checkpoint_mod
+    import pipeline.evaluate as evaluate_mod
 
     h, z, y, weight, protos = _synthetic([30, 20, 10, 10], d=6, spread=0.2, seed=2)
     y_run = y.copy()
     y_run[::7] = -1  # unlabelled images must be dropped
 
-    class Net(torch.nn.Module):
-        def forward(self, x, return_all=False):
-            return {"h": x, "z": torch.nn.functional.normalize(x[:, :3], dim=1), "logits": x[:, :4],
-                    "weight": torch.tensor(weight), "prototypes": torch.tensor(protos[:, :3])}
-
     cfg = types.SimpleNamespace(data=types.SimpleNamespace(cache="cache-dir"),
                                 eval=types.SimpleNamespace(batch_size=16))
-    trained = types.SimpleNamespace(network=Net(), config=cfg, class_names=["a", "b", "c", "d"],
+    trained = types.SimpleNamespace(network="net", config=cfg, class_names=["a", "b", "c", "d"],
                                     class_counts=[300, 200, 20, 10], run_id="abc123")
     seen = {}
 
@@ -147,16 +135,15 @@ def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_pa
         seen["ref"] = ref
         return trained
 
-    def create_eval_loader(cache, split, data_cfg, norm, batch_size):
+    def predict_split(network, cache, split, data_cfg, batch_size, device="cpu", features=False):
         seen["split"], seen["cache"] = split, cache
-        xs, ys = torch.tensor(h), torch.tensor(y_run)
-        return [(xs[i:i + batch_size], ys[i:i + batch_size], torch.arange(i, min(i + batch_size, len(ys))))
-                for i in range(0, len(ys), batch_size)]
+        assert network == "net" and features
+        return evaluate_mod.SplitPredictions(
+            logits=h[:, :4], labels=y_run, index=np.arange(len(y_run)), h=h, z=h[:, :3] / np.linalg.norm(
+                h[:, :3], axis=1, keepdims=True), weight=weight, prototypes=protos[:, :3])
 
-    for name, attrs in (("pipeline.checkpoint", {"load_trained_model": load_trained_model}),
-                        ("pipeline.data", {"create_eval_loader": create_eval_loader}),
-                        ("pipeline.models", {"model_data_config": lambda net: {"mean": 0, "std": 1}})):
-        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    monkeypatch.setattr(checkpoint_mod, "load_trained_model", load_trained_model)
+    monkeypatch.setattr(evaluate_mod, "predict_split", predict_split)
     monkeypatch.setattr(data_prep, "open_cache", lambda path: f"opened:{path}", raising=False)
 
     out = run_geometry(run_ref="runs/x", split="val", out_dir=tmp_path)
@@ -211,3 +198,30 @@ def test_run_geometry_of_a_trained_run_matches_measure_geometry(tmp_path):
     assert flat, metrics.keys()
     for key in ("FC", "MS", "SD", "NC1"):
         assert flat[key] == pytest.approx(direct[key], rel=1e-4)
+
+
+def test_run_geometry_of_a_run_without_projection_head(tmp_path):
+    """ce/la runs have no projection head: their backbone features stand in for z (as in the report)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from pipeline.checkpoint import BEST, load_checkpoint, save_checkpoint
+    from pipeline.config import RunConfig
+    from pipeline.models import create_network
+
+    spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
+    evalkit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evalkit)
+    cache_dir = evalkit.build_cache(tmp_path / "cache")
+    run_dir = evalkit.make_run(cache_dir, tmp_path / "runs", None, steps=2, mlflow_run=False)
+    state = load_checkpoint(run_dir / BEST)
+    net = create_network(RunConfig.model_validate(state["config"]).model, len(state["class_names"]), proj_head=False)
+    net.load_state_dict({k: v for k, v in state["model"].items() if k in net.state_dict()})
+    save_checkpoint(run_dir / BEST, {**state, "model": net.state_dict(), "proj_head": False})
+    assert torch.load(run_dir / BEST, weights_only=True)["proj_head"] is False
+
+    result = run_geometry(run_ref=str(run_dir), split="test", out_dir=tmp_path / "geo")
+    assert result["metrics"]["projection/FC"] == pytest.approx(result["metrics"]["backbone/FC"])
+    assert result["sentences"][-1] == "This network has no projection head; 'projection' values repeat the backbone's."
