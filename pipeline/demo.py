@@ -78,18 +78,16 @@ def _prepare(modality: str, cfg, paths: dict[str, Path], cache_dir: Path, seed: 
     return data_prep.prepare_ct(paths["images"], paths["labels"], cache_dir, options)
 
 
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None else f"{float(value):.3f}"
-
-
 def _headline(result: DemoResult, class_names: list[str]) -> str:
+    from .report import fmt_number  # the reports' rule: None or NaN is "n/a", never "nan" or 0
+
     methods = list(result.evals)
     rows = [("balanced accuracy", "balanced_accuracy"), ("ECE", "ece"), ("ECE (temperature-scaled)", "ece_calibrated")]
     rows += [(f"recall {c}", f"recall/{c}") for c in class_names]
     width = max(len(r[0]) for r in rows) + 2
     lines = ["".ljust(width) + "".join(m.upper().rjust(10) for m in methods)]
     for label, key in rows:
-        lines.append(label.ljust(width) + "".join(_fmt(result.evals[m].metrics.get(key)).rjust(10) for m in methods))
+        lines.append(label.ljust(width) + "".join(fmt_number(result.evals[m].metrics.get(key)).rjust(10) for m in methods))
     return "\n".join(lines)
 
 

@@ -45,3 +45,17 @@ def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
     assert "cohort already generated" in out and "up to date" in out
     assert set(again.runs) == {"ecl", "ce"}
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_demo_headline_prints_na_for_missing_or_nan_values():
+    from types import SimpleNamespace
+
+    from pipeline.demo import DemoResult, _headline
+
+    result = DemoResult(out=Path("x"), tracking_uri="u")
+    result.evals = {"ecl": SimpleNamespace(metrics={"balanced_accuracy": 0.3851, "ece": float("nan"), "recall/A": None}),
+                    "ce": SimpleNamespace(metrics={"balanced_accuracy": 0.2})}
+    lines = _headline(result, ["A"]).splitlines()
+    assert lines[1].split()[-2:] == ["0.385", "0.200"]
+    assert lines[2].split()[-2:] == ["n/a", "n/a"]  # NaN and missing alike, never "nan"
+    assert lines[4].split()[-2:] == ["n/a", "n/a"]
