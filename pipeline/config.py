@@ -99,7 +99,7 @@ class MethodConfig(_Section):
     alpha: float | None = Field(None, ge=0)
     beta: float | None = Field(None, ge=0)
     gamma: float | None = Field(None, ge=0)
-    loss_weight_normalisation: Literal["first_epoch", "none"] | None = None
+    loss_weight_normalisation: Literal["first_epoch", "first_epoch_lc", "none"] | None = None
     focal_gamma: float = Field(2.0, ge=0)
 
 

@@ -40,7 +40,10 @@ from .distributed import all_gather, all_gather_with_grad, all_reduce_mean
 from .errors import ConfigError, PipelineError
 from .registry import register_method
 
-__all__ = ["LossOutput", "Method", "TERM_NAMES"]
+__all__ = ["LossOutput", "Method", "NORMALISATIONS", "TERM_NAMES"]
+
+# How the base weights become the weights used from epoch 1 on (see the module docstring).
+NORMALISATIONS = ("first_epoch", "first_epoch_lc", "none")
 
 TERM_NAMES = ("lc", "ce", "bc", "supcon", "cc")
 
@@ -68,16 +71,25 @@ class Method:
 
     def __init__(self, name: str, n_views: int, term_fn: TermFn, base_weights: dict[str, float],
                  normalisation: str = "none") -> None:
-        if normalisation not in ("first_epoch", "none"):
+        if normalisation not in NORMALISATIONS:
             raise ConfigError(f"method.loss_weight_normalisation: {normalisation!r} is not allowed; "
-                              f"choose 'first_epoch' or 'none'")
+                              f"choose one of {', '.join(NORMALISATIONS)}")
+        if normalisation == "first_epoch_lc" and "lc" not in base_weights:
+            raise ConfigError(f"method.loss_weight_normalisation: 'first_epoch_lc' anchors the weights on the "
+                              f"logit-compensation term, but method {name!r} has no active 'lc' term (alpha is 0); "
+                              f"use 'first_epoch' or 'none'")
         self.name = name
         self.n_views = n_views
         self._term_fn = term_fn
         self.base_weights = dict(base_weights)
         self.normalisation = normalisation
         self._normalised = normalisation == "none"
-        self._weights = dict(self.base_weights) if self._normalised else {k: 1.0 for k in self.base_weights}
+        if normalisation == "first_epoch":
+            self._weights = {k: 1.0 for k in self.base_weights}
+        elif normalisation == "first_epoch_lc":
+            self._weights = {k: v / self.base_weights["lc"] for k, v in self.base_weights.items()}
+        else:
+            self._weights = dict(self.base_weights)
         self._sums: dict[str, Tensor] = {}
         self._steps = 0
         self.term_means: dict[str, float] | None = None
@@ -129,14 +141,25 @@ class Method:
         means: dict[str, float] = {}
         weights: dict[str, float] = {}
         for i, k in enumerate(keys):
-            mean = glob[i] / steps if steps > 0 else float("nan")
-            means[k] = mean
-            if math.isfinite(mean) and mean > 1e-12:
-                weights[k] = self.base_weights[k] / mean
+            means[k] = glob[i] / steps if steps > 0 else float("nan")
+        usable = {k: math.isfinite(m) and m > 1e-12 for k, m in means.items()}
+        anchored = self.normalisation == "first_epoch_lc"
+        if anchored and not usable["lc"]:
+            warnings.warn(f"first-epoch loss normalisation: the anchor term 'lc' had mean {means['lc']!r} in epoch "
+                          f"{epoch}; keeping the epoch-0 weights", RuntimeWarning, stacklevel=2)
+            usable = {k: False for k in usable}
+        for k in keys:
+            if not usable[k]:
+                if not anchored or k != "lc":
+                    warnings.warn(f"first-epoch loss normalisation: term {k!r} had mean {means[k]!r} in epoch "
+                                  f"{epoch}; keeping its weight {self._weights[k]}", RuntimeWarning, stacklevel=2)
+                weights[k] = self._weights[k]
+            elif anchored:
+                # Shares relative to L_LC, with L_LC's own weight fixed at 1: the classifier trains at the
+                # same effective learning rate as in `la` and `bcl`, whatever the other terms' scales.
+                weights[k] = (self.base_weights[k] / self.base_weights["lc"]) * (means["lc"] / means[k])
             else:
-                warnings.warn(f"first-epoch loss normalisation: term {k!r} had mean {mean!r} in epoch {epoch}; "
-                              f"keeping its base weight {self.base_weights[k]}", RuntimeWarning, stacklevel=2)
-                weights[k] = self.base_weights[k]
+                weights[k] = self.base_weights[k] / means[k]
         self.term_means = means
         self._weights = weights
         self._normalised = True

@@ -124,6 +124,29 @@ def test_ecl_first_epoch_normalisation_sets_base_over_mean():
     assert res.total.item() == pytest.approx(sum(want[k] * res.terms[k].item() for k in want), rel=1e-6)
 
 
+def test_first_epoch_lc_keeps_the_classifier_weight_at_one():
+    """`first_epoch_lc`: L_LC keeps weight 1 (as in la/bcl); the others get base shares relative to it."""
+    method = create_method(_cfg("ecl", loss_weight_normalisation="first_epoch_lc"), COUNTS)
+    assert method.weights() == pytest.approx({"lc": 1.0, "bc": 0.3 / 0.7, "cc": 0.5 / 0.7}, rel=1e-12)
+    seen = {"lc": [], "bc": [], "cc": []}
+    for seed in range(3):
+        res = method(*_out(3, seed=seed, requires_grad=True))
+        want_total = res.terms["lc"] + (0.3 / 0.7) * res.terms["bc"] + (0.5 / 0.7) * res.terms["cc"]
+        assert res.total.item() == pytest.approx(want_total.item(), rel=1e-12)
+        for k in seen:
+            seen[k].append(res.terms[k].item())
+    method.end_epoch(0)
+    m = {k: np.mean(v) for k, v in seen.items()}
+    # weight_k * mean_k : weight_lc * mean_lc = base_k : base_lc, with weight_lc = 1
+    want = {"lc": 1.0, "bc": (0.3 / 0.7) * m["lc"] / m["bc"], "cc": (0.5 / 0.7) * m["lc"] / m["cc"]}
+    assert method.weights() == pytest.approx(want, rel=1e-9)
+
+
+def test_first_epoch_lc_needs_an_lc_term():
+    with pytest.raises(ConfigError, match="anchors the weights on the logit-compensation term"):
+        create_method(_cfg("ecl", alpha=0.0, loss_weight_normalisation="first_epoch_lc"), COUNTS)
+
+
 def test_method_state_round_trip_through_weights_only_load():
     cfg = _cfg("ecl")
     first = create_method(cfg, COUNTS)
