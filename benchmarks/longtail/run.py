@@ -66,6 +66,27 @@ def _overrides(over: dict[str, Any]) -> list[str]:
     return out
 
 
+_NOT_COMPARED = ("tracking.", "prepare.", "train.output_dir", "train.run_name", "data.cache", "eval.")
+
+
+def stale_keys(run_dir: Path, config: Path, overrides: list[str]) -> dict[str, tuple[Any, Any]]:
+    """Settings in which an existing run folder differs from what this invocation would train.
+
+    Why: a finished run is reused rather than trained again, so a run trained under other settings
+    (an older default, another variant with the same name) must not slip into a table. Keys present
+    on one side only (a config key added since) are not compared.
+    """
+    from pipeline.config import flatten_config, load_config
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return {}
+    saved = flatten_config(yaml.safe_load(saved_path.read_text()))
+    wanted = flatten_config(load_config(config, overrides=overrides[1::2]))
+    return {k: (saved[k], wanted[k]) for k in saved.keys() & wanted.keys()
+            if not k.startswith(_NOT_COMPARED) and saved[k] != wanted[k]}
+
+
 def _run(cmd: list[str], log: Path) -> float:
     """Run one CLI step with its output appended to a log; returns wall seconds."""
     start = time.perf_counter()
@@ -222,11 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, over in variants.items():
         for seed in seeds:
             run_dir = base / "runs" / f"{name}-s{seed}"
+            sets = ["--set", f"data.cache={cache}", "--set", f"train.output_dir={base / 'runs'}",
+                    "--set", f"train.run_name={run_dir.name}", "--set", f"train.seed={seed}",
+                    "--set", f"tracking.experiment=longtail-{args.profile}"]
+            sets += _overrides(over) + [a for o in args.overrides for a in ("--set", o)]
+            stale = stale_keys(run_dir, args.config, sets)
+            if stale:
+                print(f"error: {run_dir} was trained with other settings ({', '.join(f'{k}: {a!r}, now {b!r}' for k, (a, b) in stale.items())}); "
+                      f"move it away or use another --profile", file=sys.stderr)
+                return 2
             if not (run_dir / "eval-test" / "metrics.json").is_file():
-                sets = ["--set", f"data.cache={cache}", "--set", f"train.output_dir={base / 'runs'}",
-                        "--set", f"train.run_name={run_dir.name}", "--set", f"train.seed={seed}",
-                        "--set", f"tracking.experiment=longtail-{args.profile}"]
-                sets += _overrides(over) + [a for o in args.overrides for a in ("--set", o)]
                 timing = {}
                 if (run_dir / "checkpoint-last.pt").is_file():
                     timing["train_s"] = _run(ecl + ["train", "--config", str(args.config), "--resume", str(run_dir)]

@@ -58,3 +58,16 @@ def test_variants_file_must_set_the_method(tmp_path: Path):
     bad.write_text("variants:\n  x:\n    method.lam: 0.3\n")
     with pytest.raises(SystemExit, match="must be a mapping that sets method.name"):
         load_variants(bad, [])
+
+
+def test_stale_keys_flags_a_run_trained_under_other_settings(tmp_path: Path):
+    from benchmarks.longtail.run import stale_keys
+    from pipeline.config import load_config, save_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "longtail_fmnist_cpu.yaml"
+    sets = ["--set", "method.name=ecl", "--set", "train.seed=1"]
+    save_config(load_config(config, overrides=sets[1::2]), tmp_path / "config.yaml")
+    assert stale_keys(tmp_path, config, sets) == {}
+    changed = sets + ["--set", "method.loss_weight_normalisation=none"]
+    assert stale_keys(tmp_path, config, changed) == {"method.loss_weight_normalisation": ("first_epoch", "none")}
+    assert stale_keys(tmp_path / "absent", config, changed) == {}  # nothing trained yet
