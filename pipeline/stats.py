@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.metrics import per_class_recall, predicted_labels
 
 __all__ = ["bootstrap_ci", "paired_bootstrap_difference", "stratified_bootstrap_recalls", "seed_summary",
-           "hierarchical_bootstrap", "hierarchical_bootstrap_means"]
+           "hierarchical_bootstrap", "hierarchical_bootstrap_means", "roc_pr_on_grid", "curve_bands"]
 
 _BLOCK_CELLS = 8_000_000  # index-matrix cells per block of resamples (~32 MB of int32)
 
@@ -343,3 +343,70 @@ def hierarchical_bootstrap(
                             "p_value": float(min((1 + extreme) / (n_boot + 1), 1.0))})
     return {"groups": groups, "differences": differences, "n_boot": int(n_boot), "seed": int(seed),
             "alpha": float(alpha), "reference": int(reference)}
+
+
+# ---------------------------------------------------------------- curves with bands
+def roc_pr_on_grid(scores: np.ndarray, positive: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC sensitivity and interpolated precision of one class, read on a common [0, 1] grid.
+
+    Sensitivity at false-positive rate g is the best sensitivity of a threshold whose FPR is <= g
+    (the ROC step function); precision at recall r is the best precision of a threshold whose
+    recall is >= r (the usual interpolated precision). The points are scikit-learn's
+    `roc_curve` / `precision_recall_curve` points (thresholds at the distinct scores), computed
+    here with one sort so a few hundred resamples stay cheap. Needs positives and negatives.
+
+    Returns:
+        (tpr [G], precision [G]).
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.int64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tps = np.cumsum(pos)[last].astype(np.float64)
+    fps = (last + 1) - tps
+    n_pos, n_neg = tps[-1], fps[-1]
+    tpr, fpr = np.r_[0.0, tps / n_pos], np.r_[0.0, fps / n_neg]
+    tpr_grid = tpr[np.searchsorted(fpr, grid, side="right") - 1]
+    precision, recall = tps / (tps + fps), tps / n_pos
+    best_after = np.maximum.accumulate(precision[::-1])[::-1]  # max precision at recall >= r
+    at = np.minimum(np.searchsorted(recall, grid, side="left"), len(recall) - 1)
+    return tpr_grid, best_after[at]
+
+
+def curve_bands(probs: Any, labels: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.05,
+                n_grid: int = 101) -> list[dict[str, np.ndarray] | None]:
+    """Per class (one-vs-rest on p_c): ROC and PR curves on a grid with pointwise bootstrap bands.
+
+    Resamples are the stratified ones of `bootstrap_ci` (same seed, same draws), so each class
+    keeps its positives and negatives in every resample. Bands are pointwise percentile
+    intervals: they show where the curve could lie at each FPR / recall, not a simultaneous band.
+
+    Returns:
+        One entry per class: ``{"grid", "tpr", "tpr_lo", "tpr_hi", "precision", "precision_lo",
+        "precision_hi"}``, or None for a class without positives or negatives.
+    """
+    p, y = _check(probs, labels)
+    _check_params(n_boot, alpha)
+    n_classes = p.shape[1]
+    grid = np.linspace(0.0, 1.0, n_grid)
+    valid = [0 < int((y == c).sum()) < len(y) for c in range(n_classes)]
+    boot_tpr = [np.empty((n_boot, n_grid)) for _ in range(n_classes)]
+    boot_prec = [np.empty((n_boot, n_grid)) for _ in range(n_classes)]
+    b0 = 0
+    for idx, _, _ in _resample_blocks(y, n_classes, n_boot, seed):
+        for row in idx:
+            yb = y[row]
+            for c in range(n_classes):
+                if valid[c]:
+                    boot_tpr[c][b0], boot_prec[c][b0] = roc_pr_on_grid(p[row, c], yb == c, grid)
+            b0 += 1
+    out: list[dict[str, np.ndarray] | None] = []
+    q = [alpha / 2, 1 - alpha / 2]
+    for c in range(n_classes):
+        if not valid[c]:
+            out.append(None)
+            continue
+        tpr, prec = roc_pr_on_grid(p[:, c], y == c, grid)
+        (tlo, thi), (plo, phi) = np.quantile(boot_tpr[c], q, axis=0), np.quantile(boot_prec[c], q, axis=0)
+        out.append({"grid": grid, "tpr": tpr, "tpr_lo": tlo, "tpr_hi": thi,
+                    "precision": prec, "precision_lo": plo, "precision_hi": phi})
+    return out

@@ -262,3 +262,33 @@ def test_hierarchical_rejects_bad_input():
         S.hierarchical_bootstrap([[p], [p[:, :2]]], y)
     with pytest.raises(ValueError, match="reference"):
         S.hierarchical_bootstrap([[p], [p]], y, reference=2)
+
+
+# ---------------------------------------------------------------- ROC / PR bands
+def test_roc_pr_on_grid_reads_sklearn_curves():
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    rng = np.random.default_rng(2)
+    pos = rng.random(200) < 0.3
+    scores = np.round(rng.normal(size=200) + pos, 1)  # many ties
+    grid = np.linspace(0, 1, 51)
+    tpr, prec = S.roc_pr_on_grid(scores, pos, grid)
+    fpr_s, tpr_s, _ = roc_curve(pos, scores, drop_intermediate=False)
+    prec_s, rec_s, _ = precision_recall_curve(pos, scores)
+    prec_s, rec_s = prec_s[:-1], rec_s[:-1]  # sklearn's appended (recall 0, precision 1) is no threshold
+    for g, t, pr in zip(grid, tpr, prec):
+        assert t == pytest.approx(tpr_s[fpr_s <= g + 1e-12].max())
+        assert pr == pytest.approx(prec_s[rec_s >= g - 1e-12].max())
+
+
+def test_curve_bands_cover_the_curve_and_shrink_with_data():
+    p, y = _random_probs(300, 3, seed=4, signal=1.5)
+    bands = S.curve_bands(p, y, n_boot=100, seed=0)
+    big_p, big_y = _random_probs(3000, 3, seed=4, signal=1.5)
+    big = S.curve_bands(big_p, big_y, n_boot=100, seed=0)
+    for small, large in zip(bands, big):
+        inner = slice(10, 90)  # away from the ends where every curve is pinned
+        assert np.all(small["tpr_lo"] <= small["tpr"] + 1e-12) and np.all(small["tpr"] <= small["tpr_hi"] + 1e-12)
+        assert np.mean(small["tpr_hi"][inner] - small["tpr_lo"][inner]) > \
+            2 * np.mean(large["tpr_hi"][inner] - large["tpr_lo"][inner])  # ~ sqrt(10) narrower
+    assert S.curve_bands(p[y != 2], y[y != 2], n_boot=10)[2] is None
