@@ -149,7 +149,7 @@ def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str
             if not (path / _BEST).is_file():
                 raise PipelineError(f"{path} is neither an evaluation folder (predictions.csv + ground_truth.csv) nor "
                                     f"a run folder with checkpoint-best.pt or eval-{split}/")
-            folder = run_evaluate(path, split=split, tracking_uri=tracking_uri).out_dir
+            folder = run_evaluate(path, split=split, tracking_uri=tracking_uri, echo=False).out_dir
         return _read_eval_folder(folder, path.name, str(path), config=_read_config(path))
     match = _RUN_ID.match(str(ref))
     if match is None:
@@ -178,7 +178,7 @@ def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str
             return _read_eval_folder(got, name, f"MLflow run {run_id} (artifacts)", method, config=config, tags=tags)
     except Exception:  # noqa: BLE001 - no artifacts yet: evaluate below
         pass
-    folder = run_evaluate(run_id, split=split, tracking_uri=uri).out_dir
+    folder = run_evaluate(run_id, split=split, tracking_uri=uri, echo=False).out_dir
     return _read_eval_folder(folder, name, f"MLflow run {run_id}", method, config=config, tags=tags)
 
 
