@@ -21,7 +21,8 @@ resampled). The per-seed paired tests of runs with the same seed stay in the tab
 
 The comparison is printed as a plain-text table and written as compare.html (self-contained),
 comparison.json, comparison.csv (one row per run), comparison_groups.csv (one row per group),
-comparison.md and comparison.png, and logged as its own MLflow run (tag `ecl.kind=compare`).
+comparison.md, comparison.png and comparison_groups.png, and logged as its own MLflow run (tag
+`ecl.kind=compare`).
 ECE columns are named for what they hold: `ece` before and `ece_calibrated` after temperature
 scaling (the predictions are the calibrated ones; the raw ones are recovered with the run's T).
 """
@@ -486,6 +487,14 @@ def run_compare(run_refs: Sequence[str] | None, experiment: str | None = None, t
                                 [r["ci"][0] for r in rows], [r["ci"][1] for r in rows], names,
                                 [r["recalls"] for r in rows])
     atomic_write_bytes(out / "comparison.png", png)
+    group_png = None
+    if group_rows:
+        bacc_of = {r["name"]: r["balanced_accuracy"] for r in rows}
+        group_png = plots.seed_groups_plot([g["group"] for g in group_rows],
+                                           [[bacc_of[name] for name in g["runs"]] for g in group_rows],
+                                           [g["balanced_accuracy"]["mean"] for g in group_rows],
+                                           [g["ci"][0] for g in group_rows], [g["ci"][1] for g in group_rows])
+        atomic_write_bytes(out / "comparison_groups.png", group_png)
     table = pd.DataFrame([{
         "run": r["name"], "method": r["method"], "group": r.get("group"), "seed": r["seed"],
         "balanced_accuracy": r["balanced_accuracy"], "ci_low": r["ci"][0], "ci_high": r["ci"][1],
@@ -528,7 +537,8 @@ def run_compare(run_refs: Sequence[str] | None, experiment: str | None = None, t
         out / "compare.html", "compare.html", title=f"Comparison of {len(rows)} runs ({split} split)", split=split,
         n_samples=len(ids), generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         warnings=warn, n_bootstrap=n_bootstrap, reference=ref.name, rows=rows, class_names=names,
-        figure=report.data_uri(png), groups=group_rows, group_by=group_by, min_seeds=MIN_SEEDS,
+        figure=report.data_uri(png), group_figure=None if group_png is None else report.data_uri(group_png),
+        groups=group_rows, group_by=group_by, min_seeds=MIN_SEEDS,
     )
 
     uri = tracking_uri or _first_known_uri(runs) or tracking.resolve_tracking_uri(None, out)

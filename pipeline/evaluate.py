@@ -778,7 +778,7 @@ def _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_s
     calibration_rows = [{"name": labels_cal[k], "before": rep_raw["overall"][k], "after": rep_cal["overall"][k]}
                         for k in _CALIBRATION_KEYS]
     sub_ctx = [{"attribute": s["attribute"], "rows": [
-        {"value": r["value"], "n": r["n"], "balanced_accuracy": r["balanced_accuracy"],
+        {"value": r["value"], "n": r["n"], "balanced_accuracy": r["balanced_accuracy"], "ci": r.get("ci"),
          "recalls": [r["recall"][c] for c in names], "too_small": r["too_small"]} for r in s["rows"]]}
         for s in subgroups]
     patient_ctx = None

@@ -235,6 +235,8 @@ def test_compare_groups_seeds_of_a_run_folder(tmp_path, capsys):
     assert f"| ecl | 3 | 0,1,2 | {m:.3f} ± {sd:.3f} |" in (tmp_path / "cmp" / "comparison.md").read_text()
     page = html.read_text()
     assert "Across seeds: groups by method" in page and f"{m:.3f} &plusmn; {sd:.3f}" in page
+    assert (tmp_path / "cmp" / "comparison_groups.png").read_bytes()[:4] == b"\x89PNG"
+    assert page.count('src="data:image/png;base64,') == 2  # runs figure and seed-groups figure
 
 
 def test_compare_group_by_config_key_tag_and_none(tmp_path, capsys):

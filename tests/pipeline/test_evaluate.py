@@ -280,7 +280,9 @@ def test_evaluate_prints_headline_and_writes_model_card(evaluated):
     bacc = balanced_accuracy_score(labels[mask], probs[mask].argmax(1))
     ci = stats.bootstrap_ci(probs[mask], labels[mask], n_boot=200, seed=0)["balanced_accuracy"]
     assert f"| sex | female | {mask.sum()} | {bacc:.3f} | [{ci['lo']:.3f}, {ci['hi']:.3f}] |" in card
-    assert "Model card" in result.report_path.read_text()
+    html = result.report_path.read_text()
+    assert "Model card" in html
+    assert f'<td class="name">female</td><td>{mask.sum()}</td><td>{bacc:.3f}</td><td>[{ci["lo"]:.3f}, {ci["hi"]:.3f}]</td>' in html
 
     from mlflow import MlflowClient
 
