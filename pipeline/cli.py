@@ -115,8 +115,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not args.runs and not args.experiment:
         raise SystemExit("ecl compare: give RUN_ID ... or --experiment NAME")
     report = run_compare(args.runs, experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out,
-                         split=args.split)
-    print(f"comparison report: {report}")
+                         split=args.split, n_bootstrap=args.n_bootstrap, group_by=args.group_by)
+    print(f"\ncomparison report: {report}")
     return 0
 
 
@@ -214,9 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("compare", help="compare runs with CIs and a paired bootstrap")
-    p.add_argument("runs", nargs="*", metavar="RUN_ID")
+    p = sub.add_parser("compare", help="compare runs (and methods across seeds) with CIs and bootstrap tests")
+    p.add_argument("runs", nargs="*", metavar="RUN_ID",
+                   help="MLflow run ids, run folders, eval folders, or a folder of run folders (a seed sweep)")
     p.add_argument("--experiment", default=None)
+    p.add_argument("--group-by", default="method", metavar="KEY",
+                   help="group runs across seeds by: method (default), config:KEY (e.g. config:train.lr), "
+                        "tag:NAME (an MLflow tag), or none")
+    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--out", type=Path, default=Path("comparison"))
     p.add_argument("--tracking-uri", default=None)

@@ -1,6 +1,8 @@
 """`ecl demo`: every stage on a generated cohort, end to end, with no downloads.
 
-Generate -> prepare -> train ECL and a cross-entropy baseline -> evaluate both -> compare ->
+Generate -> prepare -> train ECL and a cross-entropy baseline -> evaluate both (each prints its
+headline table: balanced accuracy with CI, per-class recall and operating points, ECE before and
+after scaling, selective prediction; and writes a model card) -> compare (prints its table) ->
 print the reports, the headline numbers side by side and the `mlflow ui` command.
 Re-running into the same folder reuses the cohort and the cache (both are content-keyed) and
 adds new runs beside the old ones.
@@ -84,6 +86,8 @@ def _headline(result: DemoResult, class_names: list[str]) -> str:
     methods = list(result.evals)
     rows = [("balanced accuracy", "balanced_accuracy"), ("ECE", "ece"), ("ECE (temperature-scaled)", "ece_calibrated")]
     rows += [(f"recall {c}", f"recall/{c}") for c in class_names]
+    rows += [("bal. acc. at 80% coverage", "selective/balanced_accuracy_at_coverage_80"),
+             ("AURC (lower is better)", "selective/aurc")]
     width = max(len(r[0]) for r in rows) + 2
     lines = ["".ljust(width) + "".join(m.upper().rjust(10) for m in methods)]
     for label, key in rows:
@@ -165,6 +169,9 @@ def run_demo(
     for method, ev in result.evals.items():
         print(f"  {method.upper():4s} {ev.report_path}")
     print(f"  comparison {result.comparison}")
+    print("Model cards (also logged to MLflow as model_card.md):")
+    for method, ev in result.evals.items():
+        print(f"  {method.upper():4s} {Path(ev.out_dir) / 'model_card.md'}")
     print("\nHeadline (test split):")
     print(_headline(result, class_names))
     print("\nMLflow runs:", ", ".join(f"{m.upper()}={r.run_id}" for m, r in result.runs.items()))

@@ -11,10 +11,15 @@ What a clinician needs to trust (or distrust) a model, computed in one pass over
    with `pipeline.stats`, calibration before/after, subgroups from the cohort's metadata (sex,
    age band, anatomical site), per-patient metrics for CT, and the learned representation
    geometry (`pipeline.geometry_stage.geometry_section`).
+   Operating points: per class, thresholds for fixed specificity / sensitivity chosen on the
+   validation predictions and held on this split, with ROC and PR curves and bootstrap bands;
+   selective prediction (risk-coverage, balanced accuracy when the least confident are referred);
+   a model card (intended use, cohort, performance by subgroup with CIs, calibration, limitations).
 4. Write metrics.json, predictions.csv and ground_truth.csv (ISIC submission format: the official
-   scorer can re-score them), PNG plots and a self-contained report.html, and log all of it to
-   the training run in MLflow (`<split>/balanced_accuracy`, `<split>/recall/MEL`, ...; the report
-   under `report/report.html`).
+   scorer can re-score them), PNG plots, model_card.md and a self-contained report.html, log all
+   of it to the training run in MLflow (`<split>/balanced_accuracy`, `<split>/recall/MEL`, ...;
+   the report under `report/report.html`, the card as `model_card.md`), and print a compact
+   headline table in the terminal.
 
 A class absent from the split has no recall, AUROC or CI: it is `null` in metrics.json, "n/a" in
 the report, and is never logged to MLflow (no fake 0 or NaN).
@@ -36,9 +41,10 @@ from data_prep import atomic_write_bytes, atomic_write_text, bytes_sha256, open_
 
 from . import calibration, metrics, plots, report, stats
 from .errors import PipelineError
+from .report import fmt_number
 
 __all__ = ["EvalResult", "SplitPredictions", "run_evaluate", "predict_split", "subgroup_analysis", "age_band",
-           "patient_level", "code_version", "main"]
+           "patient_level", "code_version", "headline_text", "model_card", "main"]
 
 # A stratified bootstrap keeps each class's images fixed, so a class with a handful of images gets
 # an interval far too narrow (zero width with one image); the report flags such intervals.
@@ -52,6 +58,10 @@ SUBGROUP_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 _AGE_BANDS = ((30, "<30"), (50, "30-49"), (70, "50-69"), (math.inf, "70+"))
 _CALIBRATION_KEYS = ("ece", "mce", "classwise_ece", "brier", "nll")
+#: selective prediction is reported at this coverage ("refer the 20 % least confident")
+SELECTIVE_COVERAGE = 0.8
+#: resamples for the ROC/PR bands (a figure needs far fewer than an interval in a table)
+CURVE_BANDS_MAX_BOOT = 200
 
 
 @dataclass
@@ -62,6 +72,7 @@ class EvalResult:
     report_path: Path
     metrics: dict[str, float | None]
     run_id: str | None
+    summary: str = ""  # the headline table printed in the terminal
 
 
 @dataclass
@@ -158,7 +169,7 @@ def _nullable(values: np.ndarray) -> list[float | None]:
 
 
 def subgroup_analysis(manifest_rows: Any, probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                      min_size: int) -> list[dict[str, Any]]:
+                      min_size: int, n_boot: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Balanced accuracy and per-class recall per value of sex, age band and anatomical site.
 
     Args:
@@ -167,10 +178,12 @@ def subgroup_analysis(manifest_rows: Any, probs: np.ndarray, labels: np.ndarray,
         labels: [N] class positions.
         class_names: C names.
         min_size: subgroups with fewer samples are flagged `too_small`.
+        n_boot: with a number, each row also gets ``"ci"``: the stratified-bootstrap 95 % interval
+            of its balanced accuracy (`pipeline.stats.bootstrap_ci`, `seed`).
 
     Returns:
         One dict per attribute present: ``{"attribute", "column", "rows": [{"value", "n",
-        "balanced_accuracy", "recall": {class: value|None}, "too_small"}]}``.
+        "balanced_accuracy", "recall": {class: value|None}, "too_small"[, "ci"]}]}``.
     """
     out: list[dict[str, Any]] = []
     for attribute, aliases in SUBGROUP_COLUMNS.items():
@@ -194,13 +207,17 @@ def subgroup_analysis(manifest_rows: Any, probs: np.ndarray, labels: np.ndarray,
             if n == 0:
                 continue
             recall = metrics.per_class_recall(probs[mask], labels[mask])
-            rows.append({
+            row = {
                 "value": value,
                 "n": n,
                 "balanced_accuracy": float(np.nanmean(recall)),
                 "recall": dict(zip(class_names, _nullable(recall))),
                 "too_small": n < min_size,
-            })
+            }
+            if n_boot:
+                b = stats.bootstrap_ci(probs[mask], labels[mask], n_boot=n_boot, seed=seed)["balanced_accuracy"]
+                row["ci"] = (b["lo"], b["hi"])
+            rows.append(row)
         out.append({"attribute": attribute, "column": column, "rows": rows})
     return out
 
@@ -274,6 +291,145 @@ def _resolve_uri(tracking_uri: str | None, state: dict[str, Any], cfg: Any) -> s
     return resolve_tracking_uri(cfg.tracking.uri, cfg.train.output_dir)
 
 
+
+# ---------------------------------------------------------------- terminal and model card
+def _op_at(ops: dict[str, Any] | None, name: str, kind: str, target: float = 0.9) -> dict[str, Any] | None:
+    entry = (ops or {}).get(name)
+    if not entry:
+        return None
+    return next((r for r in entry[kind] if abs(r["target"] - target) < 1e-9), None)
+
+
+def headline_text(title: str, split: str, flat: dict[str, float | None], class_names: Sequence[str],
+                  n_labelled: int, temperature: float, ops: dict[str, Any] | None,
+                  selective: dict[str, Any]) -> str:
+    """The compact headline table `ecl evaluate` prints: overall numbers with CIs, then one row per class.
+
+    Operating points shown are the 90 % ones (thresholds chosen on validation, held on `split`);
+    the report and metrics.json have 80 / 90 / 95 %.
+    """
+    from .report import fmt_ci, text_table
+
+    def ci(key: str) -> str:
+        return fmt_ci((flat.get(f"{key}_ci_low"), flat.get(f"{key}_ci_high")))
+
+    overall = text_table(["metric", "value", "95% CI"], [
+        ["balanced accuracy", flat.get("balanced_accuracy"), ci("balanced_accuracy")],
+        ["accuracy", flat.get("accuracy"), ci("accuracy")],
+        ["macro AUROC", flat.get("macro_auroc"), ""],
+        ["ECE before scaling", fmt_number(flat.get("ece"), 4), ""],
+        [f"ECE after scaling (T={fmt_number(temperature, 2)})", fmt_number(flat.get("ece_calibrated"), 4), ""],
+        [f"bal. acc. at {round(100 * selective['coverage'])}% coverage", selective["balanced_accuracy"],
+         f"{selective['n_kept']}/{n_labelled} kept"],
+    ], title=f"{title} ({split} split, {n_labelled} labelled images)")
+    rows = []
+    for name in class_names:
+        at_spec, at_sens = _op_at(ops, name, "at_specificity"), _op_at(ops, name, "at_sensitivity")
+        rows.append([name, flat.get(f"recall/{name}"),
+                     fmt_ci((flat.get(f"recall_ci_low/{name}"), flat.get(f"recall_ci_high/{name}"))),
+                     flat.get(f"auroc/{name}"),
+                     None if at_spec is None else at_spec["sensitivity"],
+                     None if at_spec is None else at_spec["specificity"],
+                     None if at_sens is None else at_sens["specificity"],
+                     None if at_sens is None else at_sens["sensitivity"]])
+    per_class = text_table(["class", "recall", "95% CI", "AUROC", "sens@spec90", "(spec)", "spec@sens90", "(sens)"],
+                           rows, title="Per class; operating points: threshold for 90% specificity (or sensitivity) "
+                                       "chosen on val, sens/spec measured here")
+    return overall + "\n\n" + per_class
+
+
+_INTENDED_USE = (
+    "A {method} classifier ({backbone}) of {kind} images into {k} classes ({classes}), trained with the ecl-pipeline "
+    "to study and audit classification on an imbalanced cohort. It is a research model, not a medical device: it must "
+    "not be used to diagnose or to decide on treatment. Any clinical use needs prospective validation on the target "
+    "population, devices and prevalence, and a clinician who remains responsible for every decision. Outputs are "
+    "class probabilities calibrated by temperature scaling (T = {t}); where a decision rule is needed, use an "
+    "operating point chosen on validation data (below) rather than the argmax."
+)
+
+
+def model_card(*, title: str, method: str, backbone: str, kind: str, split: str, class_names: Sequence[str],
+               cohort: dict[str, Any], flat: dict[str, float | None], subgroups: list[dict[str, Any]],
+               min_subgroup_size: int, temperature: float, t_source: str, ops: dict[str, Any] | None,
+               selective: dict[str, Any], small_class_n: int = SMALL_CLASS_CI_N) -> dict[str, Any]:
+    """The model card (Mitchell et al. 2019), as markdown and as the report section's context.
+
+    Every number comes from this evaluation (no hand-typed figure); the limitations are derived
+    from what the evaluation can and cannot show (small classes and subgroups, one seed, one
+    cohort), followed by the ones every model trained here shares.
+
+    Returns:
+        ``{"markdown", "intended_use", "limitations": [str], "subgroups": [rows with ci]}``.
+    """
+    from .report import fmt_ci, markdown_table
+
+    names = list(class_names)
+    counts = cohort["counts"]
+    intended = _INTENDED_USE.format(method=method, backbone=backbone, kind=kind, k=len(names),
+                                    classes=", ".join(names), t=fmt_number(temperature, 2))
+    lim: list[str] = []
+    absent = [c for c, n in zip(names, counts[split]) if n == 0]
+    small = [f"{c} ({n})" for c, n in zip(names, counts[split]) if 0 < n < small_class_n]
+    if absent:
+        lim.append(f"No {split} image of {', '.join(absent)}: performance on these classes is unknown.")
+    if small:
+        lim.append(f"Fewer than {small_class_n} {split} images of {', '.join(small)}: their recall is an anecdote, "
+                   f"and its interval cannot show it.")
+    small_groups = [f"{s['attribute']} = {r['value']} ({r['n']})" for s in subgroups for r in s["rows"] if r["too_small"]]
+    if small_groups:
+        lim.append(f"Subgroups below {min_subgroup_size} images ({'; '.join(small_groups)}): too few to show whether "
+                   f"the model works for them.")
+    if not subgroups:
+        lim.append("The cohort has no sex, age or site metadata: performance across subgroups could not be checked.")
+    n_val = int(sum(counts["val"]))
+    lim.append(f"Temperature and operating-point thresholds were fitted on {n_val} validation images; "
+               f"with few validation images per class the thresholds are noisy.")
+    if cohort.get("imbalance_ratio"):
+        lim.append(f"Training was imbalanced (largest/smallest class {fmt_number(cohort['imbalance_ratio'], 1)}x): "
+                   f"rare classes are learned from few examples.")
+    lim.append("One training run: the intervals reflect the finite test set, not the spread between training seeds "
+               "(`ecl compare` over several seeds shows it).")
+    lim.append("Train, validation and test come from one cohort: there is no external validation, so performance "
+               "under another site, device or population is unknown.")
+
+    sub_rows = [{"attribute": s["attribute"], "value": r["value"], "n": r["n"], "balanced_accuracy": r["balanced_accuracy"],
+                 "ci": r.get("ci"), "too_small": r["too_small"]} for s in subgroups for r in s["rows"]]
+    cov = round(100 * selective["coverage"])
+    md = [f"# Model card: {title}", "", "## Intended use", "", intended, "",
+          "## Cohort", "", f"{kind} cache, {len(names)} classes; images per class and split:", "",
+          markdown_table(["class", "train", "val", "test"],
+                         [[c, str(counts["train"][k]), str(counts["val"][k]), str(counts["test"][k])] for k, c in enumerate(names)]),
+          ""]
+    if sub_rows:
+        md += [f"Subgroup sizes in the {split} split: " + "; ".join(
+            f"{s['attribute']}: " + ", ".join(f"{r['value']} {r['n']}" for r in s["rows"]) for s in subgroups) + ".", ""]
+    md += [f"## Performance ({split} split, {cohort['n_labelled']} labelled images, 95 % bootstrap CIs)", "",
+           markdown_table(["metric", "value", "95% CI"], [
+               ["balanced accuracy", flat.get("balanced_accuracy"),
+                fmt_ci((flat.get("balanced_accuracy_ci_low"), flat.get("balanced_accuracy_ci_high")))],
+               ["accuracy", flat.get("accuracy"), fmt_ci((flat.get("accuracy_ci_low"), flat.get("accuracy_ci_high")))],
+               ["macro AUROC", flat.get("macro_auroc"), "n/a"],
+               [f"balanced accuracy at {cov}% coverage (least confident referred)", selective["balanced_accuracy"], "n/a"],
+           ]), "",
+           markdown_table(["class", "recall", "95% CI", "AUROC", "sensitivity at 90% specificity", "threshold (val)"],
+                          [[c, flat.get(f"recall/{c}"), fmt_ci((flat.get(f"recall_ci_low/{c}"), flat.get(f"recall_ci_high/{c}"))),
+                            flat.get(f"auroc/{c}"),
+                            (_op_at(ops, c, "at_specificity") or {}).get("sensitivity"),
+                            fmt_number((_op_at(ops, c, "at_specificity") or {}).get("threshold"), 4)] for c in names]), ""]
+    if sub_rows:
+        md += ["### By subgroup", "", markdown_table(
+            ["attribute", "value", "n", "balanced accuracy", "95% CI", ""],
+            [[r["attribute"], r["value"], str(r["n"]), r["balanced_accuracy"], fmt_ci(r["ci"]),
+              "too small" if r["too_small"] else ""] for r in sub_rows]), ""]
+    md += ["## Calibration", "", f"Temperature T = {fmt_number(temperature)} fitted on {t_source}.", "",
+           markdown_table(["metric", "before scaling", "after scaling"], [
+               ["ECE (top-label)", fmt_number(flat.get("ece"), 4), fmt_number(flat.get("ece_calibrated"), 4)],
+               ["class-wise ECE", fmt_number(flat.get("classwise_ece"), 4), fmt_number(flat.get("classwise_ece_calibrated"), 4)],
+               ["Brier score", fmt_number(flat.get("brier"), 4), fmt_number(flat.get("brier_calibrated"), 4)],
+           ]), "", "## Known limitations", ""] + [f"- {x}" for x in lim] + [""]
+    return {"markdown": "\n".join(md), "intended_use": intended, "limitations": lim, "subgroups": sub_rows}
+
+
 # ---------------------------------------------------------------- the stage
 def _flat(rep_cal: dict[str, Any], rep_raw: dict[str, Any], ci: dict[str, Any], class_names: Sequence[str],
           temperature: float) -> dict[str, float | None]:
@@ -303,7 +459,7 @@ def _reliability_png(probs: np.ndarray, labels: np.ndarray, n_bins: int, title: 
 
 
 def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None = None,
-                 out_dir: str | Path | None = None, n_bootstrap: int | None = None) -> EvalResult:
+                 out_dir: str | Path | None = None, n_bootstrap: int | None = None, echo: bool = True) -> EvalResult:
     """Evaluate a trained model on one split of its cache; see the module docstring.
 
     Args:
@@ -312,9 +468,10 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         tracking_uri: MLflow store; default the one the run was trained with.
         out_dir: output folder; default `<run folder>/eval-<split>`.
         n_bootstrap: bootstrap resamples; default `eval.n_bootstrap` of the run's config.
+        echo: print the headline table (also in `EvalResult.summary`).
 
     Returns:
-        EvalResult(out_dir, report_path, metrics, run_id).
+        EvalResult(out_dir, report_path, metrics, run_id, summary).
 
     Raises:
         PipelineError: the cache is missing or does not match the model, or the split has no
@@ -359,11 +516,11 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
                             f"use `ecl predict` for unlabelled images or pick another --split")
     logits, y = pred.logits[labelled], pred.labels[labelled]
 
-    # 2. temperature scaling on validation logits
+    # 2. temperature scaling on validation logits (val also sets the operating-point thresholds)
+    val = pred if split == "val" else predict_split(tm.network, cache, "val", cfg.data, cfg.eval.batch_size, device)
+    vmask = val.labels >= 0
     temperature, t_source = 1.0, "nothing (temperature scaling is off: eval.temperature_scaling=false)"
     if cfg.eval.temperature_scaling:
-        val = pred if split == "val" else predict_split(tm.network, cache, "val", cfg.data, cfg.eval.batch_size, device)
-        vmask = val.labels >= 0
         if vmask.any():
             temperature = calibration.fit_temperature(val.logits[vmask], val.labels[vmask])
             t_source = f"the validation split ({int(vmask.sum())} images)"
@@ -385,7 +542,8 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     ci = stats.bootstrap_ci(probs, y, n_boot=n_boot, seed=cfg.eval.bootstrap_seed, class_names=names)
     flat = _flat(rep_cal, rep_raw, ci, names, temperature)
     rows = cache.manifest.iloc[pred.index[labelled]].reset_index(drop=True)
-    subgroups = subgroup_analysis(rows, probs, y, names, cfg.eval.min_subgroup_size)
+    subgroups = subgroup_analysis(rows, probs, y, names, cfg.eval.min_subgroup_size, n_boot=n_boot,
+                                  seed=cfg.eval.bootstrap_seed)
     for s in subgroups:
         for r in s["rows"]:
             value = r["value"].replace("<", "lt").replace("+", "plus")
@@ -395,11 +553,44 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     if patient is not None:
         pci = stats.bootstrap_ci(patient["probs"], patient["labels"], n_boot=n_boot, seed=cfg.eval.bootstrap_seed,
                                  class_names=names)
-        for key, value in metrics.flat_metrics(patient["report"]).items():
-            flat[f"patient/{key}"] = value
+        for key, value in metrics.flat_metrics(patient["report"]).items():  # calibrated probabilities
+            flat[f"patient/{key}_calibrated" if key in _CALIBRATION_KEYS else f"patient/{key}"] = value
         flat["patient/balanced_accuracy_ci_low"] = pci["balanced_accuracy"]["lo"]
         flat["patient/balanced_accuracy_ci_high"] = pci["balanced_accuracy"]["hi"]
         patient["ci"] = pci
+
+    # operating points (thresholds from val, held here) and selective prediction
+    ops, ops_note = None, None
+    if vmask.any():
+        val_probs = calibration.apply_temperature(val.logits[vmask], temperature)
+        ops = metrics.operating_points(val_probs, val.labels[vmask], probs, y, names)
+        if split == "val":
+            warn.append("Operating-point thresholds were chosen on this same validation split: their sensitivity "
+                        "and specificity here are optimistic.")
+        for name, entry in ops.items():
+            for row in (entry or {}).get("at_specificity", []):
+                tag = f"{round(100 * row['target'])}"
+                flat[f"sensitivity_at_specificity_{tag}/{name}"] = row["sensitivity"]
+                flat[f"specificity_at_specificity_{tag}/{name}"] = row["specificity"]
+                flat[f"threshold_at_specificity_{tag}/{name}"] = row["threshold"]
+            for row in (entry or {}).get("at_sensitivity", []):
+                tag = f"{round(100 * row['target'])}"
+                flat[f"specificity_at_sensitivity_{tag}/{name}"] = row["specificity"]
+                flat[f"sensitivity_at_sensitivity_{tag}/{name}"] = row["sensitivity"]
+                flat[f"threshold_at_sensitivity_{tag}/{name}"] = row["threshold"]
+    else:
+        ops_note = "No labelled validation images: thresholds for operating points cannot be chosen."
+    bands = stats.curve_bands(probs, y, n_boot=min(n_boot, CURVE_BANDS_MAX_BOOT), seed=cfg.eval.bootstrap_seed)
+    selective = metrics.selective_metrics(probs, y, SELECTIVE_COVERAGE)
+    selective["classes_referred"] = [names[c] for c in selective["classes_referred"]]
+    rc = metrics.risk_coverage(probs, y)
+    cov_grid = np.linspace(0.05, 1.0, 20)
+    bacc_cov = [metrics.selective_metrics(probs, y, float(c))["balanced_accuracy"] for c in cov_grid]
+    cov_tag = round(100 * SELECTIVE_COVERAGE)
+    flat["selective/aurc"] = selective["aurc"]
+    flat[f"selective/balanced_accuracy_at_coverage_{cov_tag}"] = selective["balanced_accuracy"]
+    flat[f"selective/accuracy_at_coverage_{cov_tag}"] = selective["accuracy"]
+    flat[f"selective/confidence_threshold_at_coverage_{cov_tag}"] = selective["threshold"]
 
     # geometry of the learned representation
     geometry, geometry_note = None, "The geometry section is not available in this installation."
@@ -440,6 +631,14 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         b = calibration.reliability_bins(probs, y, n_bins, class_index=c)
         panels[f"{name} (n={int((y == c).sum())})"] = (b["confidence"], b["accuracy"], b["counts"], b["edges"])
     figures["reliability_classes"] = plots.reliability_grid(panels)
+    op_marks = {}
+    for name, entry in (ops or {}).items():
+        if entry:
+            op_marks[name] = [(1 - r["specificity"], r["sensitivity"]) for r in entry["at_specificity"]
+                              if r["specificity"] is not None and r["sensitivity"] is not None]
+    figures["roc_pr"] = plots.roc_pr_grid(dict(zip(names, bands)), op_marks)
+    figures["risk_coverage"] = plots.risk_coverage_plot(rc["coverage"], rc["risk"], cov_grid, bacc_cov,
+                                                        mark=SELECTIVE_COVERAGE)
     for key, png in figures.items():
         atomic_write_bytes(out / f"{key}.png", png)
     if geometry is not None:
@@ -472,6 +671,12 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         "n_unlabelled": int((~labelled).sum()),
     }
     uri = _resolve_uri(tracking_uri, state, cfg)
+    run_title = cfg.train.run_name or Path(str(tm.run_dir or tm.checkpoint_path)).name
+    card = model_card(title=run_title, method=cfg.method.name, backbone=cfg.model.backbone, kind=cache.kind,
+                      split=split, class_names=names, cohort=cohort, flat=flat, subgroups=subgroups,
+                      min_subgroup_size=cfg.eval.min_subgroup_size, temperature=temperature, t_source=t_source,
+                      ops=ops, selective=selective)
+    atomic_write_text(out / "model_card.md", card["markdown"])
     payload = {
         "split": split,
         "method": cfg.method.name,
@@ -490,6 +695,10 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
                                                        "report": patient["report"], "bootstrap": patient["ci"]},
         "geometry": None if geometry is None else {"metrics": flat_geometry(geometry.metrics), "sentences": geometry.sentences},
         "cohort": cohort,
+        "operating_points": ops,
+        "operating_points_note": ops_note,
+        "selective": selective,
+        "model_card": {k: v for k, v in card.items() if k != "markdown"},
         "provenance": provenance,
         "warnings": warn,
     }
@@ -498,14 +707,38 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     report_path = out / "report.html"
     context = _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_source, figures, subgroups,
                               patient, geometry, geometry_note, cohort, provenance, warn, n_boot, public_config(cfg))
+    context.update(_extra_context(names, ops, ops_note, selective, card, min(n_boot, CURVE_BANDS_MAX_BOOT)))
     report.write_html(report_path, "report.html", **context)
 
     # 5. MLflow
-    run_id = _log_to_mlflow(tracking, uri, cfg, tm, split, flat, out, report_path, flatten_config(cfg))
+    run_id = _log_to_mlflow(tracking, uri, cfg, tm, split, flat, out, report_path, flatten_config(cfg),
+                            card["markdown"])
     if run_id != tm.run_id:  # a new evaluation run: record it beside the files (the logged copy predates it)
         payload["mlflow"]["run_id"] = run_id
         atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, allow_nan=False))
-    return EvalResult(out_dir=out, report_path=report_path, metrics=flat, run_id=run_id)
+    summary = headline_text(f"Evaluation of {run_title}", split, flat, names, int(labelled.sum()), temperature, ops,
+                            selective)
+    if warn:
+        summary += "\n\n" + "\n".join(f"Warning: {w}" for w in warn)
+    if echo:
+        print(summary, flush=True)
+    return EvalResult(out_dir=out, report_path=report_path, metrics=flat, run_id=run_id, summary=summary)
+
+
+def _extra_context(names: list[str], ops: dict[str, Any] | None, ops_note: str | None, selective: dict[str, Any],
+                   card: dict[str, Any], n_curve_boot: int) -> dict[str, Any]:
+    """Report context of the operating-point, selective-prediction and model-card sections."""
+    op_rows = []  # one row per class: its operating points at each target, fixed specificity then sensitivity
+    for name in names:
+        entry = (ops or {}).get(name)
+        if entry:
+            op_rows.append({"name": name, "at_specificity": entry["at_specificity"],
+                            "at_sensitivity": entry["at_sensitivity"]})
+    targets = [r["target"] for r in op_rows[0]["at_specificity"]] if op_rows else []
+    missing = [n for n in names if ops is not None and ops.get(n) is None]
+    return {"operating_points": op_rows, "operating_targets": targets, "operating_points_note": ops_note,
+            "operating_points_missing": missing,
+            "n_curve_boot": n_curve_boot, "selective": selective, "model_card": card}
 
 
 def flat_geometry(values: dict[str, Any]) -> dict[str, float | None]:
@@ -524,7 +757,8 @@ def _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_s
          "ci": (ci["balanced_accuracy"]["lo"], ci["balanced_accuracy"]["hi"])},
         {"name": "Accuracy", "value": flat["accuracy"], "ci": (ci["accuracy"]["lo"], ci["accuracy"]["hi"])},
         {"name": "Macro AUROC", "value": rep_cal["overall"].get("macro_auroc"), "ci": None},
-        {"name": "ECE (calibrated)", "value": flat["ece_calibrated"], "ci": None},
+        {"name": "ECE before temperature scaling", "value": flat["ece"], "ci": None},
+        {"name": "ECE after temperature scaling", "value": flat["ece_calibrated"], "ci": None},
     ]
     per_class = []
     for c, name in enumerate(names):
@@ -544,7 +778,7 @@ def _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_s
     calibration_rows = [{"name": labels_cal[k], "before": rep_raw["overall"][k], "after": rep_cal["overall"][k]}
                         for k in _CALIBRATION_KEYS]
     sub_ctx = [{"attribute": s["attribute"], "rows": [
-        {"value": r["value"], "n": r["n"], "balanced_accuracy": r["balanced_accuracy"],
+        {"value": r["value"], "n": r["n"], "balanced_accuracy": r["balanced_accuracy"], "ci": r.get("ci"),
          "recalls": [r["recall"][c] for c in names], "too_small": r["too_small"]} for r in s["rows"]]}
         for s in subgroups]
     patient_ctx = None
@@ -554,8 +788,8 @@ def _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_s
             {"name": "balanced accuracy", "sample": rep_cal["overall"]["balanced_accuracy"], "patient": prep["balanced_accuracy"]},
             {"name": "accuracy", "sample": rep_cal["overall"]["accuracy"], "patient": prep["accuracy"]},
             {"name": "macro AUROC", "sample": rep_cal["overall"].get("macro_auroc"), "patient": prep.get("macro_auroc")},
-            {"name": "ECE", "sample": rep_cal["overall"]["ece"], "patient": prep["ece"]},
-            {"name": "Brier score", "sample": rep_cal["overall"]["brier"], "patient": prep["brier"]},
+            {"name": "ECE (calibrated)", "sample": rep_cal["overall"]["ece"], "patient": prep["ece"]},
+            {"name": "Brier score (calibrated)", "sample": rep_cal["overall"]["brier"], "patient": prep["brier"]},
         ]}
     geo_ctx = None
     if geometry is not None:
@@ -596,7 +830,7 @@ def _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_s
 
 
 def _log_to_mlflow(tracking: Any, uri: str, cfg: Any, tm: Any, split: str, flat: dict[str, float | None], out: Path,
-                   report_path: Path, params: dict[str, Any]) -> str:
+                   report_path: Path, params: dict[str, Any], card_markdown: str | None = None) -> str:
     """Re-open the training run (or start an evaluation run) and log metrics, files and the report."""
     run_id = tm.run_id
     if run_id:
@@ -615,6 +849,8 @@ def _log_to_mlflow(tracking: Any, uri: str, cfg: Any, tm: Any, split: str, flat:
         tracking.log_artifacts(out, artifact_path=f"eval-{split}")
         html_name = "report.html" if split == "test" else f"report-{split}.html"
         tracking.log_text(report_path.read_text(encoding="utf-8"), f"report/{html_name}")
+        if card_markdown is not None:
+            tracking.log_text(card_markdown, "model_card.md" if split == "test" else f"model_card-{split}.md")
         return active
 
 
@@ -630,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None)
     a = p.parse_args(argv)
     result = run_evaluate(a.ref, split=a.split, tracking_uri=a.tracking_uri, out_dir=a.out, n_bootstrap=a.n_bootstrap)
-    print(f"report: {result.report_path}")
+    print(f"\nreport: {result.report_path}")
     return 0
 
 

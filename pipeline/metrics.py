@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from data_prep import atomic_open
 
@@ -45,6 +45,14 @@ __all__ = [
     "classification_report",
     "flat_metrics",
     "write_isic_csv",
+    "roc_pr_curves",
+    "threshold_for_specificity",
+    "threshold_for_sensitivity",
+    "sensitivity_specificity",
+    "operating_points",
+    "risk_coverage",
+    "selective_metrics",
+    "OPERATING_TARGETS",
     "MANY_SHOT_MIN",
     "FEW_SHOT_MAX",
 ]
@@ -53,6 +61,9 @@ __all__ = [
 MANY_SHOT_MIN = 100
 #: A class with fewer than this many training images is "few-shot".
 FEW_SHOT_MAX = 20
+
+#: Specificities (and sensitivities) at which operating points are reported.
+OPERATING_TARGETS = (0.80, 0.90, 0.95)
 
 _NLL_EPS = 1e-15  # probabilities are clipped here so one confident mistake gives a finite NLL
 
@@ -488,3 +499,146 @@ def write_isic_csv(
         writer.writerow(["image", *names])
         for image, row in zip(ids, values.tolist()):
             writer.writerow([image, *map(repr, row)])
+
+
+# ---------------------------------------------------------------- operating points
+def roc_pr_curves(scores: Any, positive: Any) -> dict[str, np.ndarray] | None:
+    """One-vs-rest ROC and precision-recall curves of one class (scikit-learn), None if undefined.
+
+    Args:
+        scores: [N] the class's probability p_c.
+        positive: [N] True where the sample is of the class.
+
+    Returns:
+        ``{"fpr", "tpr", "roc_thresholds", "precision", "recall", "pr_thresholds"}`` or None when
+        the class has no positive or no negative sample (no ROC curve exists).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    if pos.all() or not pos.any():
+        return None
+    fpr, tpr, thr = roc_curve(pos, s, drop_intermediate=False)
+    precision, recall, pthr = precision_recall_curve(pos, s)
+    return {"fpr": fpr, "tpr": tpr, "roc_thresholds": thr, "precision": precision, "recall": recall,
+            "pr_thresholds": pthr}
+
+
+def sensitivity_specificity(scores: Any, positive: Any, threshold: float) -> tuple[float | None, float | None]:
+    """Sensitivity and specificity of the rule "positive when score >= threshold" (None if undefined)."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    called = s >= threshold
+    sens = float(called[pos].mean()) if pos.any() else None
+    spec = float((~called[~pos]).mean()) if (~pos).any() else None
+    return sens, spec
+
+
+def threshold_for_specificity(scores: Any, positive: Any, target: float) -> float | None:
+    """The lowest threshold whose specificity is still >= `target` (so sensitivity is the highest
+    such a rule allows), from scikit-learn's ROC points; None if the class lacks positives or negatives.
+
+    Thresholds are the observed scores (``inf`` when no threshold reaches the target other than
+    "call nobody positive").
+    """
+    curves = roc_pr_curves(scores, positive)
+    if curves is None:
+        return None
+    ok = np.flatnonzero(1.0 - curves["fpr"] >= target - 1e-12)
+    return float(curves["roc_thresholds"][ok[-1]])  # fpr grows as the threshold falls: last ok = lowest
+
+
+def threshold_for_sensitivity(scores: Any, positive: Any, target: float) -> float | None:
+    """The highest threshold whose sensitivity is >= `target` (so specificity is the highest such
+    a rule allows); None if the class lacks positives or negatives."""
+    curves = roc_pr_curves(scores, positive)
+    if curves is None:
+        return None
+    ok = np.flatnonzero(curves["tpr"] >= target - 1e-12)
+    return float(curves["roc_thresholds"][ok[0]])
+
+
+def operating_points(
+    val_probs: Any, val_labels: Any, test_probs: Any, test_labels: Any, class_names: Sequence[str],
+    targets: Sequence[float] = OPERATING_TARGETS,
+) -> dict[str, dict[str, list[dict[str, Any]]] | None]:
+    """Per class, thresholds chosen on validation for fixed specificity / sensitivity, applied to test.
+
+    Why val then test: a threshold read off the test ROC curve is fitted to the test set and
+    overstates what a clinic would see; choosing it on validation and holding it on test is the
+    honest protocol. Scores are the class's probability p_c (one-vs-rest).
+
+    Returns:
+        ``{class: {"at_specificity": [row, ...], "at_sensitivity": [row, ...]} | None}`` with row
+        ``{"target", "threshold", "val_sensitivity", "val_specificity", "sensitivity",
+        "specificity"}`` (the last two on test; None where undefined). A class without positives or
+        negatives in validation or test is None.
+    """
+    pv, yv = _as_probs_labels(val_probs, val_labels)
+    pt, yt = _as_probs_labels(test_probs, test_labels)
+    out: dict[str, dict[str, list[dict[str, Any]]] | None] = {}
+    for c, name in enumerate(class_names):
+        sv, posv, st, post = pv[:, c], yv == c, pt[:, c], yt == c
+        if posv.all() or not posv.any() or post.all() or not post.any():
+            out[str(name)] = None
+            continue
+        entry: dict[str, list[dict[str, Any]]] = {"at_specificity": [], "at_sensitivity": []}
+        for kind, choose in (("at_specificity", threshold_for_specificity), ("at_sensitivity", threshold_for_sensitivity)):
+            for target in targets:
+                thr = choose(sv, posv, target)
+                vs, vp = sensitivity_specificity(sv, posv, thr)
+                ts, tp = sensitivity_specificity(st, post, thr)
+                entry[kind].append({"target": float(target), "threshold": _opt(thr), "val_sensitivity": vs,
+                                    "val_specificity": vp, "sensitivity": ts, "specificity": tp})
+        out[str(name)] = entry
+    return out
+
+
+# ---------------------------------------------------------------- selective prediction
+def risk_coverage(probs: Any, labels: Any) -> dict[str, Any]:
+    """Risk-coverage curve of "refer the least confident cases" (Geifman & El-Yaniv 2017).
+
+    Samples are ordered by confidence (maximum probability), most confident first; ties keep
+    the input order (stable sort). At coverage k/N the k most confident are kept and the risk is
+    their error rate (a tied argmax counts as an error, as everywhere here). The area under the
+    curve (AURC) is the mean risk over k = 1..N: lower is better, and a model whose confidence
+    ranks its errors last has the smallest AURC its accuracy allows.
+
+    Returns:
+        ``{"coverage" [N], "risk" [N], "confidence" [N] (the k-th confidence, the threshold that
+        keeps k), "aurc", "order" [N]}``.
+    """
+    p, y = _as_probs_labels(probs, labels)
+    conf = p.max(axis=1)
+    order = np.argsort(-conf, kind="stable")
+    errors = (~_correct(p, y))[order].astype(np.float64)
+    k = np.arange(1, len(y) + 1)
+    risk = np.cumsum(errors) / k
+    return {"coverage": k / len(y), "risk": risk, "confidence": conf[order], "aurc": float(risk.mean()),
+            "order": order}
+
+
+def selective_metrics(probs: Any, labels: Any, coverage: float = 0.8) -> dict[str, Any]:
+    """Balanced accuracy and accuracy on the `coverage` fraction of most confident samples.
+
+    The kept set is the ``ceil(coverage * N)`` most confident samples (ties in input order, as in
+    `risk_coverage`); balanced accuracy averages the recall of the classes present in it, so a
+    class whose samples were all referred drops out (reported in ``classes_referred``).
+
+    Returns:
+        ``{"coverage", "n_kept", "threshold" (lowest kept confidence), "balanced_accuracy",
+        "accuracy", "aurc", "classes_referred"}``.
+    """
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must lie in (0, 1]; got {coverage!r}")
+    p, y = _as_probs_labels(probs, labels)
+    rc = risk_coverage(p, y)
+    n_kept = int(math.ceil(coverage * len(y) - 1e-9))
+    kept = rc["order"][:n_kept]
+    recall = per_class_recall(p[kept], y[kept])
+    present_all = set(np.unique(y).tolist())
+    present_kept = set(np.unique(y[kept]).tolist())
+    return {
+        "coverage": float(coverage), "n_kept": n_kept, "threshold": float(rc["confidence"][n_kept - 1]),
+        "balanced_accuracy": float(np.nanmean(recall)), "accuracy": float(_correct(p[kept], y[kept]).mean()),
+        "aurc": rc["aurc"], "classes_referred": sorted(int(c) for c in present_all - present_kept),
+    }

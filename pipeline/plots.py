@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 __all__ = [
     "figure_png", "reliability_diagram", "reliability_grid", "confusion_heatmap", "recall_bars",
-    "comparison_plot",
+    "comparison_plot", "roc_pr_grid", "risk_coverage_plot", "seed_groups_plot",
 ]
 
 _BLUE = "#1f5fa8"
@@ -182,5 +182,90 @@ def comparison_plot(run_names: Sequence[str], bacc: Sequence[float], low: Sequen
     ax2.set_ylabel("recall", fontsize=8)
     ax2.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def roc_pr_grid(curves: dict[str, dict[str, np.ndarray] | None],
+                points: dict[str, list[tuple[float, float]]] | None = None,
+                title: str = "Per-class ROC (top) and precision-recall (bottom), 95% bootstrap bands") -> bytes:
+    """Two rows of small multiples: ROC curve and PR curve per class, each with its band.
+
+    Args:
+        curves: class name -> `pipeline.stats.curve_bands` entry (None: class lacks positives or
+            negatives, drawn as an empty panel saying so).
+        points: class name -> (false-positive rate, sensitivity) of the test operating points,
+            marked on the ROC panel (thresholds chosen on validation).
+    """
+    names = list(curves)
+    n = max(len(names), 1)
+    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 0.4, 4.8), squeeze=False)
+    for k, name in enumerate(names):
+        roc, pr = axes[0, k], axes[1, k]
+        c = curves[name]
+        for ax in (roc, pr):
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.tick_params(labelsize=6)
+        roc.set_title(name, fontsize=8)
+        if c is None:
+            roc.text(0.5, 0.5, "n/a", ha="center", va="center", color=_GREY)
+            pr.text(0.5, 0.5, "n/a", ha="center", va="center", color=_GREY)
+            continue
+        g = c["grid"]
+        roc.fill_between(g, c["tpr_lo"], c["tpr_hi"], step="post", color=_BLUE, alpha=0.2, lw=0)
+        roc.step(g, c["tpr"], where="post", color=_BLUE, lw=1.2)
+        roc.plot([0, 1], [0, 1], color=_GREY, lw=0.6, ls="--")
+        for fpr, tpr in (points or {}).get(name, []):
+            roc.plot([fpr], [tpr], "o", color=_RED, ms=3)
+        pr.fill_between(g, c["precision_lo"], c["precision_hi"], step="pre", color=_BLUE, alpha=0.2, lw=0)
+        pr.step(g, c["precision"], where="pre", color=_BLUE, lw=1.2)
+        if k == 0:
+            roc.set_ylabel("sensitivity", fontsize=7)
+            pr.set_ylabel("precision", fontsize=7)
+        roc.set_xlabel("1 - specificity", fontsize=7)
+        pr.set_xlabel("recall", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def risk_coverage_plot(coverage: Sequence[float], risk: Sequence[float], bacc_coverage: Sequence[float],
+                       bacc: Sequence[float], mark: float | None = None,
+                       title: str = "Selective prediction: refer the least confident") -> bytes:
+    """Risk (error rate of the kept cases) and balanced accuracy of the kept cases against coverage."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    ax.plot(coverage, risk, color=_RED, lw=1.3, label="risk (error rate of kept)")
+    ax.plot(bacc_coverage, bacc, color=_BLUE, lw=1.3, label="balanced accuracy of kept")
+    if mark is not None:
+        ax.axvline(mark, color=_GREY, ls="--", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage (fraction of cases the model decides)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def seed_groups_plot(groups: Sequence[str], per_run: Sequence[Sequence[float]], means: Sequence[float],
+                     low: Sequence[float], high: Sequence[float],
+                     title: str = "Balanced accuracy per seed (dots), group mean with 95% CI (seeds x images)") -> bytes:
+    """One row per group: each run (seed) as a dot, the mean as a bar with the hierarchical interval.
+
+    Why the dots: with 2-5 seeds the reader should see the seeds themselves, not only a summary.
+    """
+    n = len(groups)
+    fig, ax = plt.subplots(figsize=(6, 0.55 * n + 1.3))
+    for row, (vals, m, lo, hi) in enumerate(zip(per_run, means, low, high)):
+        ax.errorbar([m], [row], xerr=[[m - lo], [hi - m]], fmt="|", color=_BLUE, capsize=5, ms=14, mew=2, lw=1.5)
+        ax.plot(vals, [row] * len(vals), "o", color=_RED, ms=4, alpha=0.8)
+    ax.set_yticks(range(n), list(groups), fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlabel("balanced accuracy", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", color="#e5e5e5", lw=0.6)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return figure_png(fig)

@@ -21,7 +21,8 @@ import jinja2
 
 from data_prep import atomic_write_text
 
-__all__ = ["data_uri", "fmt_number", "render_html", "write_html", "external_references", "TEMPLATE_PACKAGE"]
+__all__ = ["data_uri", "fmt_number", "fmt_ci", "text_table", "markdown_table", "render_html", "write_html",
+           "external_references", "TEMPLATE_PACKAGE"]
 
 TEMPLATE_PACKAGE = "pipeline.report_templates"
 
@@ -57,7 +58,47 @@ def _fmt_ci(low: Any, high: Any, digits: int = 3) -> str:
     return f"[{fmt_number(low, digits)}, {fmt_number(high, digits)}]"
 
 
+def fmt_ci(pair: Any, digits: int = 3) -> str:
+    """A (low, high) interval for display, '[0.612, 0.704]', or 'n/a' (the reports' rule)."""
+    return _fmt_ci(pair[0], pair[1], digits) if pair else "n/a"
+
+
+def text_table(headers: list[str], rows: list[list[Any]], title: str | None = None) -> str:
+    """A plain-text table for the terminal: first column left-aligned, the others right-aligned.
+
+    Cells that are not strings go through `fmt_number` (so None/NaN print as 'n/a', as in the
+    reports). No colour or box drawing: it must survive logs, `tee` and e-mail.
+    """
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt_number(c) for c in r] for r in rows]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    out = ([title] if title else []) + [line(cells[0]), "  ".join("-" * w for w in widths)]
+    return "\n".join(out + [line(r) for r in cells[1:]])
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """The same table as GitHub markdown (for docs and benchmark pages); '|' in cells is escaped."""
+    def cell(c: Any) -> str:
+        return (c if isinstance(c, str) else fmt_number(c)).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(h) for h in headers) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    return "\n".join(out + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
+
+
+# In a source checkout the templates sit beside the package; read them from there first, so code
+# run from one checkout (PYTHONPATH, a worktree) never renders another checkout's editable-installed
+# templates. An installed wheel has no such folder and reads the packaged copy.
+_SOURCE_TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
+
+
 def _load_template(name: str) -> str:
+    source = _SOURCE_TEMPLATES / name
+    if (_SOURCE_TEMPLATES / "base.html").is_file() and source.is_file():
+        return source.read_text(encoding="utf-8")
     try:
         return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError:

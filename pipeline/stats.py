@@ -10,6 +10,14 @@ thousands of samples; all draws are one integer matrix and one gather per block 
 Intervals are percentile intervals of the resampled statistic. The paired comparison reuses the
 same resample indices for both models (the samples are shared, so their errors are correlated,
 and pairing removes that variance from the difference).
+
+Seeds: one training run is one draw of the training randomness (initialisation, batch order,
+augmentation). A difference between two *methods* has to hold across seeds, so
+`hierarchical_bootstrap` resamples at two levels: the runs (seeds) of each group, with
+replacement, and the test images, stratified as above. Every run scored the same test images
+(seeds and images are crossed, not nested), so one image resample is drawn per replicate and
+applied to every run of it: the two-level "pigeonhole" bootstrap of a crossed design (Owen 2007,
+Ann. Appl. Stat. 1(2)), which keeps the pairing of the per-seed test and adds the seed spread.
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import numpy as np
 
 from pipeline.metrics import per_class_recall, predicted_labels
 
-__all__ = ["bootstrap_ci", "paired_bootstrap_difference", "stratified_bootstrap_recalls"]
+__all__ = ["bootstrap_ci", "paired_bootstrap_difference", "stratified_bootstrap_recalls", "seed_summary",
+           "hierarchical_bootstrap", "hierarchical_bootstrap_means", "roc_pr_on_grid", "curve_bands"]
 
 _BLOCK_CELLS = 8_000_000  # index-matrix cells per block of resamples (~32 MB of int32)
 
@@ -191,3 +200,213 @@ def paired_bootstrap_difference(
     extreme = np.count_nonzero(np.abs(boot - diff) >= abs(diff) - 1e-12)
     p_value = float((1 + extreme) / (n_boot + 1))
     return diff, lo, hi, min(p_value, 1.0)
+
+
+def seed_summary(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1) of one group's per-seed values.
+
+    None/NaN entries (a metric a run could not compute) are left out and counted in ``n_missing``.
+    The sd of a single value is undefined and is None, not 0: one seed shows no spread.
+
+    Returns:
+        ``{"mean", "sd", "n", "n_missing", "min", "max"}`` (None where undefined).
+    """
+    v = np.array([np.nan if x is None else float(x) for x in values], dtype=np.float64)
+    ok = v[np.isfinite(v)]
+    n = int(ok.size)
+    return {
+        "mean": float(ok.mean()) if n else None,
+        "sd": float(ok.std(ddof=1)) if n >= 2 else None,
+        "n": n,
+        "n_missing": int(v.size - n),
+        "min": float(ok.min()) if n else None,
+        "max": float(ok.max()) if n else None,
+    }
+
+
+def _run_rng(seed: int) -> np.random.Generator:
+    """The generator of the seed level: independent of the image level's `default_rng(seed)`."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), 1]))
+
+
+def hierarchical_bootstrap_means(
+    correct_groups: Sequence[np.ndarray], labels: Any, n_classes: int, n_boot: int, seed: int
+) -> list[np.ndarray]:
+    """Each group's mean balanced accuracy over its runs, per two-level resample.
+
+    Replicate b: (1) the test images are resampled once, stratified by class, with the same draws
+    as `bootstrap_ci` / `paired_bootstrap_difference` for this `seed` (generator
+    ``default_rng(seed)``); (2) in every group of R runs, R runs are drawn with replacement
+    (generator ``default_rng(SeedSequence([seed, 1]))``, R draws per group per replicate, groups in
+    order); (3) the group's value is the mean, over the drawn runs, of each drawn run's balanced
+    accuracy on the resampled images. A group of one run therefore reduces exactly to the
+    single-run stratified bootstrap.
+
+    Args:
+        correct_groups: per group a boolean [R_g, N] matrix, True where run r is right on image i
+            (same images, same order in every group).
+        labels: [N] class positions.
+        n_classes: C.
+        n_boot: replicates.
+        seed: seed of both levels.
+
+    Returns:
+        One float64 [n_boot] array per group.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    mats = [np.atleast_2d(np.asarray(g, dtype=np.uint8)) for g in correct_groups]
+    for g, m in enumerate(mats):
+        if m.shape[0] < 1 or m.shape[1] != y.shape[0]:
+            raise ValueError(f"group {g}: correctness must be [runs >= 1, {y.shape[0]}]; got {m.shape}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}")
+    sizes = np.bincount(y, minlength=n_classes)
+    present = np.flatnonzero(sizes)
+    run_rng = _run_rng(seed)
+    outs: list[list[np.ndarray]] = [[] for _ in mats]
+    for idx, starts, _ in _resample_blocks(y, n_classes, n_boot, seed):
+        b = idx.shape[0]
+        for g, m in enumerate(mats):
+            n_runs = m.shape[0]
+            bacc = np.empty((b, n_runs))
+            for r in range(n_runs):
+                hits = np.add.reduceat(m[r][idx], starts, axis=1, dtype=np.int64)
+                bacc[:, r] = (hits / sizes[present]).mean(axis=1)
+            pick = run_rng.integers(0, n_runs, size=(b, n_runs))
+            outs[g].append(np.take_along_axis(bacc, pick, axis=1).mean(axis=1))
+    return [np.concatenate(o) for o in outs]
+
+
+def hierarchical_bootstrap(
+    probs_groups: Sequence[Sequence[Any]],
+    labels: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    reference: int = 0,
+) -> dict[str, Any]:
+    """Seed-aware comparison of groups of runs (one group per method, runs = seeds).
+
+    Point values are plain means over a group's runs of each run's balanced accuracy; the
+    intervals come from `hierarchical_bootstrap_means` (runs and test images resampled). The
+    difference of group g to the reference group is ``mean_g - mean_ref``; its p-value is the
+    centred-bootstrap two-sided p of `paired_bootstrap_difference`, computed on the same replicates.
+    With 2-3 seeds the seed level has very few distinct resamples (3 for 2 seeds), so the interval
+    is coarse; it is still the honest one, since the per-seed tests ignore the seed spread.
+
+    Args:
+        probs_groups: per group, a list of [N, C] probability matrices (one per run), every run
+            on the same N images in the same order.
+        labels: [N] class positions.
+        n_boot, seed, alpha: as in `bootstrap_ci`.
+        reference: index of the group the differences are taken against.
+
+    Returns:
+        ``{"groups": [{"balanced_accuracy": seed_summary(...), "per_run": [...], "lo", "hi"}],
+        "differences": [{"group", "diff", "lo", "hi", "p_value"} | None (the reference)],
+        "n_boot", "seed", "alpha", "reference"}``.
+    """
+    _check_params(n_boot, alpha)
+    if not probs_groups or any(len(g) == 0 for g in probs_groups):
+        raise ValueError("every group needs at least one run")
+    if not 0 <= reference < len(probs_groups):
+        raise ValueError(f"reference must index a group (0..{len(probs_groups) - 1}); got {reference}")
+    first, y = _check(probs_groups[0][0], labels)
+    n_classes = first.shape[1]
+    correct_groups, per_run = [], []
+    for g in probs_groups:
+        rows, baccs = [], []
+        for probs in g:
+            if np.shape(probs) != first.shape:
+                raise ValueError(f"every run must score the same {first.shape} images x classes; got {np.shape(probs)}")
+            p, _ = _check(probs, y)
+            rows.append(predicted_labels(p) == y)
+            baccs.append(float(np.nanmean(per_class_recall(p, y))))
+        correct_groups.append(np.stack(rows))
+        per_run.append(baccs)
+    boots = hierarchical_bootstrap_means(correct_groups, y, n_classes, n_boot, seed)
+    groups = []
+    for baccs, boot in zip(per_run, boots):
+        lo, hi = _interval(boot, alpha)
+        groups.append({"balanced_accuracy": seed_summary(baccs), "per_run": baccs, "lo": lo, "hi": hi})
+    ref_mean = groups[reference]["balanced_accuracy"]["mean"]
+    differences: list[dict[str, Any] | None] = []
+    for g, (grp, boot) in enumerate(zip(groups, boots)):
+        if g == reference:
+            differences.append(None)
+            continue
+        diff = grp["balanced_accuracy"]["mean"] - ref_mean
+        d_boot = boot - boots[reference]
+        lo, hi = _interval(d_boot, alpha)
+        extreme = np.count_nonzero(np.abs(d_boot - diff) >= abs(diff) - 1e-12)
+        differences.append({"group": g, "diff": float(diff), "lo": lo, "hi": hi,
+                            "p_value": float(min((1 + extreme) / (n_boot + 1), 1.0))})
+    return {"groups": groups, "differences": differences, "n_boot": int(n_boot), "seed": int(seed),
+            "alpha": float(alpha), "reference": int(reference)}
+
+
+# ---------------------------------------------------------------- curves with bands
+def roc_pr_on_grid(scores: np.ndarray, positive: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC sensitivity and interpolated precision of one class, read on a common [0, 1] grid.
+
+    Sensitivity at false-positive rate g is the best sensitivity of a threshold whose FPR is <= g
+    (the ROC step function); precision at recall r is the best precision of a threshold whose
+    recall is >= r (the usual interpolated precision). The points are scikit-learn's
+    `roc_curve` / `precision_recall_curve` points (thresholds at the distinct scores), computed
+    here with one sort so a few hundred resamples stay cheap. Needs positives and negatives.
+
+    Returns:
+        (tpr [G], precision [G]).
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.int64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tps = np.cumsum(pos)[last].astype(np.float64)
+    fps = (last + 1) - tps
+    n_pos, n_neg = tps[-1], fps[-1]
+    tpr, fpr = np.r_[0.0, tps / n_pos], np.r_[0.0, fps / n_neg]
+    tpr_grid = tpr[np.searchsorted(fpr, grid, side="right") - 1]
+    precision, recall = tps / (tps + fps), tps / n_pos
+    best_after = np.maximum.accumulate(precision[::-1])[::-1]  # max precision at recall >= r
+    at = np.minimum(np.searchsorted(recall, grid, side="left"), len(recall) - 1)
+    return tpr_grid, best_after[at]
+
+
+def curve_bands(probs: Any, labels: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.05,
+                n_grid: int = 101) -> list[dict[str, np.ndarray] | None]:
+    """Per class (one-vs-rest on p_c): ROC and PR curves on a grid with pointwise bootstrap bands.
+
+    Resamples are the stratified ones of `bootstrap_ci` (same seed, same draws), so each class
+    keeps its positives and negatives in every resample. Bands are pointwise percentile
+    intervals: they show where the curve could lie at each FPR / recall, not a simultaneous band.
+
+    Returns:
+        One entry per class: ``{"grid", "tpr", "tpr_lo", "tpr_hi", "precision", "precision_lo",
+        "precision_hi"}``, or None for a class without positives or negatives.
+    """
+    p, y = _check(probs, labels)
+    _check_params(n_boot, alpha)
+    n_classes = p.shape[1]
+    grid = np.linspace(0.0, 1.0, n_grid)
+    valid = [0 < int((y == c).sum()) < len(y) for c in range(n_classes)]
+    boot_tpr = [np.empty((n_boot, n_grid)) for _ in range(n_classes)]
+    boot_prec = [np.empty((n_boot, n_grid)) for _ in range(n_classes)]
+    b0 = 0
+    for idx, _, _ in _resample_blocks(y, n_classes, n_boot, seed):
+        for row in idx:
+            yb = y[row]
+            for c in range(n_classes):
+                if valid[c]:
+                    boot_tpr[c][b0], boot_prec[c][b0] = roc_pr_on_grid(p[row, c], yb == c, grid)
+            b0 += 1
+    out: list[dict[str, np.ndarray] | None] = []
+    q = [alpha / 2, 1 - alpha / 2]
+    for c in range(n_classes):
+        if not valid[c]:
+            out.append(None)
+            continue
+        tpr, prec = roc_pr_on_grid(p[:, c], y == c, grid)
+        (tlo, thi), (plo, phi) = np.quantile(boot_tpr[c], q, axis=0), np.quantile(boot_prec[c], q, axis=0)
+        out.append({"grid": grid, "tpr": tpr, "tpr_lo": tlo, "tpr_hi": thi,
+                    "precision": prec, "precision_lo": plo, "precision_hi": phi})
+    return out

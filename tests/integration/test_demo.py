@@ -23,6 +23,8 @@ def test_demo_writes_reports_and_headline(demo, capsys):
         bacc = demo.evals[method].metrics["balanced_accuracy"]
         assert 0.0 <= bacc <= 1.0
     assert Path(demo.comparison).is_file()
+    for method in ("ecl", "ce"):  # the model card beside each report
+        assert "## Known limitations" in (Path(demo.evals[method].out_dir) / "model_card.md").read_text()
 
 
 def test_demo_logs_params_metrics_and_report_to_mlflow(demo):
@@ -45,6 +47,9 @@ def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
     assert "cohort already generated" in out and "up to date" in out
     assert set(again.runs) == {"ecl", "ce"}
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    # evaluate's and compare's own tables: headline with CI, operating points, ECE before/after, selective
+    assert "sens@spec90" in out and "ECE before scaling" in out and "at 80% coverage" in out
+    assert "Runs (test split; paired bootstrap vs" in out and "Model cards" in out
 
 
 def test_demo_headline_prints_na_for_missing_or_nan_values():

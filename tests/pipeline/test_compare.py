@@ -106,8 +106,10 @@ def test_compare_needs_two_runs_and_known_refs(two_runs, tmp_path):
     run_a = two_runs[0]
     with pytest.raises(PipelineError, match="at least two runs"):
         run_compare([str(run_a)], tracking_uri=f"sqlite:///{tmp_path}/m.db", out_dir=tmp_path / "x")
+    (tmp_path / "empty").mkdir()  # (a folder *of* run folders stands for them: see the seed tests)
     with pytest.raises(PipelineError, match="neither an evaluation folder"):
-        run_compare([str(run_a), str(tmp_path)], tracking_uri=f"sqlite:///{tmp_path}/m.db", out_dir=tmp_path / "x")
+        run_compare([str(run_a), str(tmp_path / "empty")], tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                    out_dir=tmp_path / "x")
 
 
 def test_compare_evaluates_run_without_predictions(tmp_path):
@@ -141,3 +143,135 @@ def test_compare_evaluates_run_without_predictions(tmp_path):
     assert payload["runs"][0]["balanced_accuracy"] == pytest.approx(1 / 3)
     assert payload["runs"][1]["name"] == "trained"
     assert "Comparison of 2 runs" in html.read_text()
+
+
+# ---------------------------------------------------------------- seeds
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _seed_sweep(root: Path, labels: np.ndarray, ids: list[str], skills: dict[str, list[float]], temperature: float = 2.0):
+    """Run folders as `ecl train` + `ecl evaluate` leave them: config.yaml, eval-test/ with calibrated
+    predictions and metrics.json (method, temperature, MLflow info). Returns {(method, seed): raw logits}."""
+    from pipeline.config import load_config, save_config
+
+    logits = {}
+    for method, per_seed in skills.items():
+        for seed, skill in enumerate(per_seed):
+            rng = np.random.default_rng(1000 * seed + len(method))
+            z = rng.normal(size=(len(labels), len(NAMES))) * 2.0
+            z[np.arange(len(labels)), labels] += skill
+            run = root / f"{method}-s{seed}"
+            folder = run / "eval-test"
+            folder.mkdir(parents=True)
+            save_config(load_config(base={"method": {"name": method}, "train": {"seed": seed}}), run / "config.yaml")
+            probs = _softmax(z / temperature)
+            metrics.write_isic_csv(folder / "predictions.csv", ids, probs, NAMES)
+            metrics.write_isic_csv(folder / "ground_truth.csv", ids, labels, NAMES)
+            (folder / "metrics.json").write_text(json.dumps({"method": "stale", "temperature": temperature}))
+            logits[(method, seed)] = z
+    return logits
+
+
+def test_compare_groups_seeds_of_a_run_folder(tmp_path, capsys):
+    from sklearn.metrics import balanced_accuracy_score
+
+    from pipeline.compare import run_compare
+
+    rng = np.random.default_rng(3)
+    labels = rng.choice(3, size=150, p=[0.5, 0.3, 0.2])
+    ids = [f"IMG_{i:04d}" for i in range(150)]
+    logits = _seed_sweep(tmp_path / "runs", labels, ids, {"ce": [0.5, 1.5, 1.0], "ecl": [2.0, 2.6, 1.4]})
+    html = run_compare([str(tmp_path / "runs")], tracking_uri=f"sqlite:///{tmp_path}/m.db", out_dir=tmp_path / "cmp",
+                       n_bootstrap=300)
+    payload = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["name"] for r in payload["runs"]] == ["ce-s0", "ce-s1", "ce-s2", "ecl-s0", "ecl-s1", "ecl-s2"]
+    assert [r["method"] for r in payload["runs"]] == ["ce"] * 3 + ["ecl"] * 3  # from config.yaml, not metrics.json
+    assert [r["seed"] for r in payload["runs"]] == [0, 1, 2] * 2
+
+    # by hand: sklearn's balanced accuracy per run, then mean and sd (n - 1) per method
+    bacc = {k: balanced_accuracy_score(labels, z.argmax(1)) for k, z in logits.items()}
+    ce, ecl = payload["groups"]
+    assert ce["group"] == "ce" and ecl["group"] == "ecl" and ecl["seeds"] == [0, 1, 2]
+    for g in (ce, ecl):
+        values = [bacc[(g["group"], s)] for s in range(3)]
+        assert g["balanced_accuracy"]["mean"] == pytest.approx(np.mean(values))
+        assert g["balanced_accuracy"]["sd"] == pytest.approx(np.std(values, ddof=1))
+    assert ecl["diff"] == pytest.approx(np.mean([bacc[("ecl", s)] - bacc[("ce", s)] for s in range(3)]))
+    probs = {k: _softmax(z / 2.0) for k, z in logits.items()}
+    h = stats.hierarchical_bootstrap([[probs[("ce", s)] for s in range(3)], [probs[("ecl", s)] for s in range(3)]],
+                                     labels, n_boot=300, seed=0)
+    assert ecl["diff_ci"] == pytest.approx([h["differences"][1]["lo"], h["differences"][1]["hi"]])
+    assert ecl["p_value"] == pytest.approx(h["differences"][1]["p_value"])
+    # the per-seed paired tests stay: ecl seed s against ce seed s
+    for t in ecl["per_seed"]:
+        d, lo, hi, p = stats.paired_bootstrap_difference(probs[("ecl", t["seed"])], probs[("ce", t["seed"])], labels,
+                                                         n_boot=300, seed=0)
+        assert (t["diff"], t["ci"][0], t["ci"][1], t["p_value"]) == pytest.approx((d, lo, hi, p))
+    assert len(ecl["per_seed"]) == 3 and ce["per_seed"] == []
+    # ECE before scaling is recovered from the calibrated predictions and T; after scaling is as given
+    run0 = payload["runs"][0]
+    assert run0["ece"] == pytest.approx(metrics.expected_calibration_error(_softmax(logits[("ce", 0)]), labels))
+    assert run0["ece_calibrated"] == pytest.approx(metrics.expected_calibration_error(probs[("ce", 0)], labels))
+    ece_cal = [metrics.expected_calibration_error(probs[("ecl", s)], labels) for s in range(3)]
+    assert ecl["ece_calibrated"]["mean"] == pytest.approx(np.mean(ece_cal))
+    assert ecl["ece_calibrated"]["sd"] == pytest.approx(np.std(ece_cal, ddof=1))
+
+    # the terminal, the CSVs, markdown and HTML carry the same numbers
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("ecl "))
+    m, sd = ecl["balanced_accuracy"]["mean"], ecl["balanced_accuracy"]["sd"]
+    assert f"{m:.3f} ± {sd:.3f}" in line and f"{ecl['diff']:.3f}" in line
+    assert "Per-seed paired tests" in out and "Runs (test split" in out
+    import pandas as pd
+
+    groups_csv = pd.read_csv(tmp_path / "cmp" / "comparison_groups.csv")
+    assert list(groups_csv["group"]) == ["ce", "ecl"]
+    assert groups_csv["balanced_accuracy_sd"][1] == pytest.approx(sd)
+    runs_csv = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert {"ece", "ece_calibrated", "seed", "group"} <= set(runs_csv.columns)
+    assert runs_csv["ece_calibrated"][0] == pytest.approx(run0["ece_calibrated"])
+    assert f"| ecl | 3 | 0,1,2 | {m:.3f} ± {sd:.3f} |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    page = html.read_text()
+    assert "Across seeds: groups by method" in page and f"{m:.3f} &plusmn; {sd:.3f}" in page
+    assert (tmp_path / "cmp" / "comparison_groups.png").read_bytes()[:4] == b"\x89PNG"
+    assert page.count('src="data:image/png;base64,') == 2  # runs figure and seed-groups figure
+
+
+def test_compare_group_by_config_key_tag_and_none(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from pipeline.compare import run_compare
+    from pipeline.errors import PipelineError
+
+    rng = np.random.default_rng(4)
+    labels = rng.choice(3, size=60)
+    ids = [f"IMG_{i:04d}" for i in range(60)]
+    _seed_sweep(tmp_path / "runs", labels, ids, {"ce": [1.0, 1.2], "la": [1.1, 1.3]})
+    uri = f"sqlite:///{tmp_path}/m.db"
+    # config:KEY groups by the seed here (ce-s0 with la-s0): any key of the resolved config works
+    run_compare([str(tmp_path / "runs")], tracking_uri=uri, out_dir=tmp_path / "a", n_bootstrap=50,
+                group_by="config:train.seed")
+    groups = json.loads((tmp_path / "a" / "comparison.json").read_text())["groups"]
+    assert [(g["group"], g["runs"]) for g in groups] == [("0", ["ce-s0", "la-s0"]), ("1", ["ce-s1", "la-s1"])]
+    with pytest.raises(PipelineError, match="has no config key 'train.nope'"):
+        run_compare([str(tmp_path / "runs")], tracking_uri=uri, out_dir=tmp_path / "b", group_by="config:train.nope")
+    with pytest.raises(PipelineError, match="--group-by 'seed' is not one of"):
+        run_compare([str(tmp_path / "runs")], tracking_uri=uri, out_dir=tmp_path / "b", group_by="seed")
+    # tag:NAME reads the MLflow run recorded in each run's metrics.json
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("sweep")
+    for k, run in enumerate(sorted((tmp_path / "runs").iterdir())):
+        r = client.create_run(exp, tags={"arm": "A" if k % 3 == 0 else "B"})
+        mpath = run / "eval-test" / "metrics.json"
+        mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "mlflow": {"tracking_uri": uri, "run_id": r.info.run_id}}))
+    run_compare([str(tmp_path / "runs")], tracking_uri=uri, out_dir=tmp_path / "c", n_bootstrap=50, group_by="tag:arm")
+    groups = json.loads((tmp_path / "c" / "comparison.json").read_text())["groups"]
+    assert [(g["group"], g["runs"]) for g in groups] == [("A", ["ce-s0", "la-s1"]), ("B", ["ce-s1", "la-s0"])]
+    with pytest.raises(PipelineError, match="has no MLflow tag 'other'"):
+        run_compare([str(tmp_path / "runs")], tracking_uri=uri, out_dir=tmp_path / "d", group_by="tag:other")
+    capsys.readouterr()
+    run_compare([str(tmp_path / "runs")], tracking_uri=uri, out_dir=tmp_path / "e", n_bootstrap=50, group_by="none")
+    assert json.loads((tmp_path / "e" / "comparison.json").read_text())["groups"] is None
+    assert "Groups by" not in capsys.readouterr().out

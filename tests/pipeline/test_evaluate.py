@@ -202,3 +202,92 @@ def test_evaluate_missing_cache_names_the_folder(tmp_path, evaluated):
     save_checkpoint(run / BEST, state)
     with pytest.raises(DataPrepError, match="nowhere"):
         run_evaluate(str(run))
+
+
+# ---------------------------------------------------------------- headline, operating points, selective, card
+def _val_probs(evaluated):
+    from data_prep import open_cache
+    from pipeline.checkpoint import load_trained_model
+    from pipeline.evaluate import predict_split
+
+    tm = load_trained_model(evaluated["run_dir"])
+    val = predict_split(tm.network, open_cache(evaluated["cache"]), "val", tm.config.data, 8)
+    keep = val.labels >= 0
+    return calibration.apply_temperature(val.logits[keep], tm.temperature), val.labels[keep]
+
+
+def test_evaluate_operating_points_from_val_held_on_test(evaluated, one_thread):
+    from sklearn.metrics import roc_curve
+
+    out = evaluated["result"].out_dir
+    payload = json.loads((out / "metrics.json").read_text())
+    _, probs, labels, names = _saved(out)
+    pv, yv = _val_probs(evaluated)
+    m = payload["metrics"]
+    for c, name in enumerate(names[:3]):  # DF has no test image: no operating point
+        fpr, tpr, thr = roc_curve(yv == c, pv[:, c], drop_intermediate=False)
+        for row in payload["operating_points"][name]["at_specificity"]:
+            # on val: the sklearn ROC point with the highest sensitivity at specificity >= target
+            ok = 1 - fpr >= row["target"]
+            assert row["val_sensitivity"] == pytest.approx(tpr[ok].max())
+            assert row["threshold"] == pytest.approx(thr[ok][-1])
+            called = probs[:, c] >= row["threshold"]  # held on test, by hand
+            assert row["sensitivity"] == pytest.approx(called[labels == c].mean())
+            assert row["specificity"] == pytest.approx((~called[labels != c]).mean())
+            tag = round(100 * row["target"])
+            assert m[f"sensitivity_at_specificity_{tag}/{name}"] == pytest.approx(row["sensitivity"])
+    assert payload["operating_points"]["DF"] is None
+    assert "Operating points" in (out / "report.html").read_text()
+
+
+def test_evaluate_selective_prediction_by_hand(evaluated):
+    out = evaluated["result"].out_dir
+    payload = json.loads((out / "metrics.json").read_text())
+    _, probs, labels, _ = _saved(out)
+    # ground_truth.csv order = metrics order; keep the ceil(0.8 N) most confident (stable order)
+    order = np.argsort(-probs.max(1), kind="stable")
+    kept = order[: int(np.ceil(0.8 * len(labels)))]
+    expected = balanced_accuracy_score(labels[kept], probs[kept].argmax(1))
+    assert payload["selective"]["balanced_accuracy"] == pytest.approx(expected)
+    assert payload["metrics"]["selective/balanced_accuracy_at_coverage_80"] == pytest.approx(expected)
+    errors = (probs.argmax(1) != labels)[order]
+    aurc = np.mean(np.cumsum(errors) / np.arange(1, len(labels) + 1))
+    assert payload["metrics"]["selective/aurc"] == pytest.approx(aurc)
+    html = (out / "report.html").read_text()
+    assert f"balanced accuracy\n<b>{expected:.3f}</b>" in html
+
+
+def test_evaluate_prints_headline_and_writes_model_card(evaluated):
+    result = evaluated["result"]
+    out = result.out_dir
+    m = result.metrics
+    text = result.summary
+    line = next(ln for ln in text.splitlines() if ln.startswith("balanced accuracy "))
+    assert line.split()[2:] == [f"{m['balanced_accuracy']:.3f}", f"[{m['balanced_accuracy_ci_low']:.3f},",
+                                f"{m['balanced_accuracy_ci_high']:.3f}]"]
+    assert f"{m['ece']:.4f}" in text and f"{m['ece_calibrated']:.4f}" in text
+    for name in ("MEL", "NV", "BCC"):
+        assert any(line.startswith(name) and f"{m[f'recall/{name}']:.3f}" in line for line in text.splitlines())
+
+    card = (out / "model_card.md").read_text()
+    assert "## Intended use" in card and "## Known limitations" in card and "No test image of DF" in card
+    # subgroup row: balanced accuracy and CI recomputed from the saved predictions and the manifest
+    _, probs, labels, _ = _saved(out)
+    truth = pd.read_csv(out / "ground_truth.csv", dtype={"image": str})
+    manifest = pd.read_csv(evaluated["cache"] / "manifest.csv", dtype=str, keep_default_na=False)
+    sex = truth["image"].map(dict(zip(manifest["image"], manifest["sex"]))).to_numpy()
+    mask = sex == "female"
+    bacc = balanced_accuracy_score(labels[mask], probs[mask].argmax(1))
+    ci = stats.bootstrap_ci(probs[mask], labels[mask], n_boot=200, seed=0)["balanced_accuracy"]
+    assert f"| sex | female | {mask.sum()} | {bacc:.3f} | [{ci['lo']:.3f}, {ci['hi']:.3f}] |" in card
+    html = result.report_path.read_text()
+    assert "Model card" in html
+    assert f'<td class="name">female</td><td>{mask.sum()}</td><td>{bacc:.3f}</td><td>[{ci["lo"]:.3f}, {ci["hi"]:.3f}]</td>' in html
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    assert "model_card.md" in {a.path for a in client.list_artifacts(result.run_id)}
+    logged = client.get_run(result.run_id).data.metrics
+    assert logged["test/selective/aurc"] == pytest.approx(m["selective/aurc"])
+    assert logged["test/sensitivity_at_specificity_90/MEL"] == pytest.approx(m["sensitivity_at_specificity_90/MEL"])

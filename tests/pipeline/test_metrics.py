@@ -255,3 +255,89 @@ def test_write_isic_csv_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="unique"):
         M.write_isic_csv(tmp_path / "x.csv", ["a", "a"], [0, 1], ["A", "B"])
     assert not (tmp_path / "x.csv").exists()
+
+
+# ---------------------------------------------------------------- operating points
+def _brute_best(scores, pos, target, fix="specificity"):
+    """Every threshold "score >= t" over the observed scores and +inf, by plain loops."""
+    best = None
+    for t in sorted(set(scores.tolist()) | {np.inf}):
+        sens = sum(1 for s, q in zip(scores, pos) if q and s >= t) / pos.sum()
+        spec = sum(1 for s, q in zip(scores, pos) if not q and s < t) / (~pos).sum()
+        fixed, free = (spec, sens) if fix == "specificity" else (sens, spec)
+        if fixed >= target and (best is None or free > best[1]):
+            best = (t, free, fixed)
+    return best
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.95])
+def test_threshold_for_specificity_and_sensitivity_are_best_points_of_sklearn_roc(target):
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(int(target * 100))
+    pos = rng.random(300) < 0.2
+    scores = np.round(rng.normal(size=300) + 1.2 * pos, 2)  # rounded: tied scores too
+    fpr, tpr, _ = roc_curve(pos, scores, drop_intermediate=False)
+    roc_points = set(zip(np.round(fpr, 9), np.round(tpr, 9)))
+
+    t = M.threshold_for_specificity(scores, pos, target)
+    sens, spec = M.sensitivity_specificity(scores, pos, t)
+    assert spec >= target and sens == pytest.approx(_brute_best(scores, pos, target, "specificity")[1])
+    assert (round(1 - spec, 9), round(sens, 9)) in roc_points
+
+    t = M.threshold_for_sensitivity(scores, pos, target)
+    sens, spec = M.sensitivity_specificity(scores, pos, t)
+    assert sens >= target and spec == pytest.approx(_brute_best(scores, pos, target, "sensitivity")[1])
+    assert (round(1 - spec, 9), round(sens, 9)) in roc_points
+
+
+def test_operating_points_chosen_on_val_applied_to_test():
+    rng = np.random.default_rng(5)
+
+    def split(n):
+        y = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])
+        z = rng.normal(size=(n, 3))
+        z[np.arange(n), y] += 1.5
+        return np.exp(z) / np.exp(z).sum(1, keepdims=True), y
+
+    pv, yv = split(400)
+    pt, yt = split(300)
+    ops = M.operating_points(pv, yv, pt, yt, ["A", "B", "C"])
+    for c, name in enumerate("ABC"):
+        for row in ops[name]["at_specificity"]:
+            thr = M.threshold_for_specificity(pv[:, c], yv == c, row["target"])
+            assert row["threshold"] == pytest.approx(thr) and row["val_specificity"] >= row["target"]
+            called = pt[:, c] >= thr  # held on test, by hand
+            assert row["sensitivity"] == pytest.approx(called[yt == c].mean())
+            assert row["specificity"] == pytest.approx((~called[yt != c]).mean())
+        for row in ops[name]["at_sensitivity"]:
+            assert row["val_sensitivity"] >= row["target"]
+    # a class absent from test has no operating point
+    assert M.operating_points(pv, yv, pt[yt != 2], yt[yt != 2], ["A", "B", "C"])["C"] is None
+
+
+# ---------------------------------------------------------------- selective prediction
+def test_risk_coverage_and_selective_balanced_accuracy_by_hand():
+    # confidences 0.5 .. 0.9 in scrambled order; labels make the pattern right/wrong by hand
+    conf = np.array([0.7, 0.9, 0.5, 0.6, 0.8])
+    pred = np.array([0, 1, 2, 1, 0])
+    probs = np.zeros((5, 3))
+    for i, (c, k) in enumerate(zip(conf, pred)):
+        probs[i] = (1 - c) / 2
+        probs[i, k] = c
+    labels = np.array([0, 1, 0, 1, 2])  # correct: 0.7 yes, 0.9 yes, 0.5 no, 0.6 yes, 0.8 no
+    rc = M.risk_coverage(probs, labels)
+    # most confident first: 0.9 ok, 0.8 wrong, 0.7 ok, 0.6 ok, 0.5 wrong
+    assert rc["risk"] == pytest.approx([0, 1 / 2, 1 / 3, 1 / 4, 2 / 5])
+    assert rc["coverage"] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert rc["aurc"] == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 4 + 2 / 5) / 5)
+    sel = M.selective_metrics(probs, labels, coverage=0.8)
+    # kept: rows 1 (cls 1 ok), 4 (cls 2 wrong), 0 (cls 0 ok), 3 (cls 1 ok); referred: row 2 (cls 0)
+    assert sel["n_kept"] == 4 and sel["threshold"] == pytest.approx(0.6)
+    assert sel["accuracy"] == pytest.approx(3 / 4)
+    assert sel["balanced_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
+    assert sel["classes_referred"] == []
+    sel = M.selective_metrics(probs, labels, coverage=0.4)  # keeps 0.9 (cls 1) and 0.8 (cls 2)
+    assert sel["balanced_accuracy"] == pytest.approx(0.5) and sel["classes_referred"] == [0]
+    with pytest.raises(ValueError, match="coverage"):
+        M.selective_metrics(probs, labels, coverage=0)

@@ -42,7 +42,7 @@ def test_report_is_self_contained_offline(evaluation):
     assert "<script" not in html.lower()
     assert "<link" not in html.lower()  # CSS is inlined
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', html)
-    assert len(srcs) >= 7  # recall, confusion, 3 reliability, 2 geometry Gram maps
+    assert len(srcs) >= 9  # recall, confusion, 3 reliability, ROC/PR, risk-coverage, 2 geometry Gram maps
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
@@ -57,8 +57,8 @@ def test_report_contains_headline_numbers_and_sections(evaluation):
     assert f"<td>{m['balanced_accuracy']:.3f}</td>" in headline
     assert f"[{m['balanced_accuracy_ci_low']:.3f}, {m['balanced_accuracy_ci_high']:.3f}]" in headline
     assert f"<b>{payload['temperature']:.3f}</b>" in html
-    for section in ("Cohort", "Per-class results", "Confusion matrix", "Calibration", "Subgroups",
-                    "Representation geometry", "Provenance"):
+    for section in ("Cohort", "Per-class results", "Confusion matrix", "Calibration", "Operating points",
+                    "Selective prediction", "Subgroups", "Representation geometry", "Model card", "Provenance"):
         assert f"<h2>{section}</h2>" in html, section
     assert "<h3>Configuration</h3>" in html and "backbone: test_resnet" in html
     assert payload["provenance"]["dataset sha256"] in html

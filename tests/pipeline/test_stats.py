@@ -139,3 +139,156 @@ def test_bootstrap_rejects_bad_parameters():
         S.bootstrap_ci(p, y, alpha=1.5)
     with pytest.raises(ValueError, match="same shape"):
         S.paired_bootstrap_difference(p, p[:, :1], y)
+
+
+# ---------------------------------------------------------------- seeds: summary and hierarchical bootstrap
+def _fixed_probs(labels: np.ndarray, right: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities whose argmax is the label where `right`, the next class elsewhere."""
+    pred = np.where(right, labels, (labels + 1) % n_classes)
+    p = np.full((len(labels), n_classes), 0.1 / (n_classes - 1))
+    p[np.arange(len(labels)), pred] = 0.9
+    return p
+
+
+def test_seed_summary_by_hand():
+    s = S.seed_summary([0.70, 0.72, 0.74])
+    assert s["mean"] == pytest.approx(0.72) and s["n"] == 3 and s["n_missing"] == 0
+    assert s["sd"] == pytest.approx(np.sqrt((0.02 ** 2 + 0.0 + 0.02 ** 2) / 2))  # ddof=1
+    assert (s["min"], s["max"]) == (pytest.approx(0.70), pytest.approx(0.74))
+    one = S.seed_summary([0.5, None, float("nan")])
+    assert one["mean"] == 0.5 and one["sd"] is None and one["n"] == 1 and one["n_missing"] == 2
+    assert S.seed_summary([])["mean"] is None
+
+
+def test_hierarchical_one_run_per_group_is_the_paired_bootstrap():
+    pa, y = _random_probs(400, 4, seed=3, signal=1.0)
+    pb, _ = _random_probs(400, 4, seed=3, signal=1.0)
+    rng = np.random.default_rng(9)
+    pb = pb + rng.uniform(0, 0.3, size=pb.shape) * (np.arange(4) == y[:, None])
+    h = S.hierarchical_bootstrap([[pa], [pb]], y, n_boot=600, seed=4)
+    d, lo, hi, p = S.paired_bootstrap_difference(pb, pa, y, n_boot=600, seed=4)
+    diff = h["differences"][1]
+    assert h["differences"][0] is None
+    assert diff["diff"] == pytest.approx(d) and (diff["lo"], diff["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert diff["p_value"] == pytest.approx(p)
+    ci = S.bootstrap_ci(pb, y, n_boot=600, seed=4)["balanced_accuracy"]
+    assert (h["groups"][1]["lo"], h["groups"][1]["hi"]) == (pytest.approx(ci["lo"]), pytest.approx(ci["hi"]))
+    assert h["groups"][1]["balanced_accuracy"]["sd"] is None
+
+
+def test_hierarchical_construction_by_hand():
+    """Three replicates rebuilt with explicit loops from the documented draws."""
+    y = np.array([0, 0, 0, 1, 1, 0, 1, 0])
+    rng = np.random.default_rng(11)
+    correct_a = rng.random((2, 8)) < 0.6
+    correct_b = rng.random((3, 8)) < 0.7
+    group_a = [_fixed_probs(y, c, 2) for c in correct_a]
+    group_b = [_fixed_probs(y, c, 2) for c in correct_b]
+    n_boot, seed = 3, 5
+    got = S.hierarchical_bootstrap_means([correct_a, correct_b], y, 2, n_boot, seed)
+
+    img_rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(y == c) for c in (0, 1)]
+    draws = [m[img_rng.integers(0, len(m), size=(n_boot, len(m)), dtype=np.int32)] for m in members]
+    run_rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    picks = [run_rng.integers(0, 2, size=(n_boot, 2)), run_rng.integers(0, 3, size=(n_boot, 3))]
+    for b in range(n_boot):
+        for g, correct in enumerate((correct_a, correct_b)):
+            values = []
+            for r in picks[g][b]:
+                recalls = [sum(correct[r][i] for i in draws[c][b]) / len(members[c]) for c in (0, 1)]
+                values.append(sum(recalls) / 2)
+            assert got[g][b] == pytest.approx(sum(values) / len(values))
+
+    h = S.hierarchical_bootstrap([group_a, group_b], y, n_boot=n_boot, seed=seed)
+    baccs_a = [np.mean([c[y == k].mean() for k in (0, 1)]) for c in correct_a]
+    baccs_b = [np.mean([c[y == k].mean() for k in (0, 1)]) for c in correct_b]
+    assert h["groups"][0]["per_run"] == pytest.approx(baccs_a)
+    assert h["groups"][1]["balanced_accuracy"]["mean"] == pytest.approx(np.mean(baccs_b))
+    assert h["groups"][1]["balanced_accuracy"]["sd"] == pytest.approx(np.std(baccs_b, ddof=1))
+    assert h["differences"][1]["diff"] == pytest.approx(np.mean(baccs_b) - np.mean(baccs_a))
+    d_boot = got[1] - got[0]
+    assert (h["differences"][1]["lo"], h["differences"][1]["hi"]) == (
+        pytest.approx(np.quantile(d_boot, 0.025)), pytest.approx(np.quantile(d_boot, 0.975)))
+
+
+def test_hierarchical_seed_level_matches_the_multinomial():
+    """Runs that are right or wrong on whole classes: image resampling cannot move them, so the
+    replicates of a 2-seed group with balanced accuracies 0.5 and 1.0 are 0.5, 0.75 and 1.0 with
+    probabilities 1/4, 1/2, 1/4 (two draws with replacement)."""
+    y = np.repeat([0, 1], 20)
+    half = _fixed_probs(y, y == 0, 2)  # class 0 right, class 1 wrong: 0.5
+    full = _fixed_probs(y, np.ones(40, bool), 2)  # 1.0
+    boots = S.hierarchical_bootstrap_means([np.stack([y == 0, np.ones(40, bool)]), (y == 0)[None]], y, 2, 4000, 0)
+    values, counts = np.unique(boots[0], return_counts=True)
+    assert values == pytest.approx([0.5, 0.75, 1.0])
+    assert counts / 4000 == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    assert np.all(boots[1] == 0.5)
+    h = S.hierarchical_bootstrap([[half], [half, full]], y, n_boot=4000, seed=0)
+    d = h["differences"][1]
+    assert d["diff"] == pytest.approx(0.25)
+    assert (d["lo"], d["hi"]) == (pytest.approx(0.0), pytest.approx(0.5))
+    # |d_b - 0.25| >= 0.25 holds for d_b in {0, 0.5}: about half the replicates
+    assert d["p_value"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_hierarchical_interval_includes_the_seed_spread():
+    """Seeds that disagree: the per-seed paired intervals are narrow and contradict each other,
+    the hierarchical interval spans them."""
+    p0, y = _random_probs(2000, 3, seed=21, signal=1.2)
+    groups = []
+    for shift in (0.0, 0.6):
+        runs = []
+        for seed_skill in (-0.5, 0.5):
+            rng = np.random.default_rng(int(100 * (shift + seed_skill + 1)))
+            z = rng.normal(size=p0.shape)
+            z[np.arange(len(y)), y] += 1.2 + shift + seed_skill
+            e = np.exp(z)
+            runs.append(e / e.sum(1, keepdims=True))
+        groups.append(runs)
+    h = S.hierarchical_bootstrap(groups, y, n_boot=800, seed=1)
+    d = h["differences"][1]
+    per_seed = [S.paired_bootstrap_difference(groups[1][s], groups[0][s], y, n_boot=800, seed=1) for s in (0, 1)]
+    width = d["hi"] - d["lo"]
+    assert all(width > 1.5 * (hi - lo) for _, lo, hi, _ in per_seed)
+    assert d["lo"] <= d["diff"] <= d["hi"]
+
+
+def test_hierarchical_rejects_bad_input():
+    p, y = _random_probs(30, 3, seed=0)
+    with pytest.raises(ValueError, match="at least one run"):
+        S.hierarchical_bootstrap([[p], []], y)
+    with pytest.raises(ValueError, match="same"):
+        S.hierarchical_bootstrap([[p], [p[:, :2]]], y)
+    with pytest.raises(ValueError, match="reference"):
+        S.hierarchical_bootstrap([[p], [p]], y, reference=2)
+
+
+# ---------------------------------------------------------------- ROC / PR bands
+def test_roc_pr_on_grid_reads_sklearn_curves():
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    rng = np.random.default_rng(2)
+    pos = rng.random(200) < 0.3
+    scores = np.round(rng.normal(size=200) + pos, 1)  # many ties
+    grid = np.linspace(0, 1, 51)
+    tpr, prec = S.roc_pr_on_grid(scores, pos, grid)
+    fpr_s, tpr_s, _ = roc_curve(pos, scores, drop_intermediate=False)
+    prec_s, rec_s, _ = precision_recall_curve(pos, scores)
+    prec_s, rec_s = prec_s[:-1], rec_s[:-1]  # sklearn's appended (recall 0, precision 1) is no threshold
+    for g, t, pr in zip(grid, tpr, prec):
+        assert t == pytest.approx(tpr_s[fpr_s <= g + 1e-12].max())
+        assert pr == pytest.approx(prec_s[rec_s >= g - 1e-12].max())
+
+
+def test_curve_bands_cover_the_curve_and_shrink_with_data():
+    p, y = _random_probs(300, 3, seed=4, signal=1.5)
+    bands = S.curve_bands(p, y, n_boot=100, seed=0)
+    big_p, big_y = _random_probs(3000, 3, seed=4, signal=1.5)
+    big = S.curve_bands(big_p, big_y, n_boot=100, seed=0)
+    for small, large in zip(bands, big):
+        inner = slice(10, 90)  # away from the ends where every curve is pinned
+        assert np.all(small["tpr_lo"] <= small["tpr"] + 1e-12) and np.all(small["tpr"] <= small["tpr_hi"] + 1e-12)
+        assert np.mean(small["tpr_hi"][inner] - small["tpr_lo"][inner]) > \
+            2 * np.mean(large["tpr_hi"][inner] - large["tpr_lo"][inner])  # ~ sqrt(10) narrower
+    assert S.curve_bands(p[y != 2], y[y != 2], n_boot=10)[2] is None
