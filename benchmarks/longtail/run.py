@@ -173,6 +173,21 @@ def markdown_tables(rows: list[dict[str, Any]], title: str, command: str) -> str
     return "\n".join(lines) + "\n"
 
 
+def _groups_table(comparison_md: str) -> str:
+    """The seed-groups table of `ecl compare`'s comparison.md (the first table after '## Groups')."""
+    lines = comparison_md.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Groups")), None)
+    if start is None:
+        return "(no groups table)\n"
+    table = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    return "\n".join(table) + "\n"
+
+
 def write_section(doc: Path, key: str, text: str) -> None:
     """Replace (or append) the generated block between `<!-- generated:KEY -->` markers."""
     start, end = f"<!-- generated:{key} start -->", f"<!-- generated:{key} end -->"
@@ -272,6 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = (f"{args.profile} / {args.name}: imbalance {opts['imbalance']:g}, order {opts['order']}, "
              f"{sum(record['counts']['train'].values())} training images")
     text = markdown_tables(rows, title, argv_text)
+    if len({r["method"] for r in rows}) == len(variants) > 1 and len(seeds) > 1:
+        # one variant per method: `ecl compare` groups the runs by method across seeds and gives each
+        # difference an interval that resamples seeds as well as test images (hierarchical bootstrap)
+        out_dir = base / f"compare-{args.name}"
+        run_dirs = [str(base / "runs" / f"{name}-s{seed}") for name in variants for seed in seeds]
+        _run(ecl + ["compare", *run_dirs, "--group-by", "method", "--out", str(out_dir)], log)
+        text += ("\nSeed-aware comparison (`ecl compare RUN_DIRS --group-by method`; differences against the "
+                 "first group, 95 % interval of a bootstrap over seeds and test images):\n\n"
+                 + _groups_table((out_dir / "comparison.md").read_text()))
     print(text)
     if not args.no_docs:
         write_section(DOCS, f"{args.profile}-{args.name}", text)
