@@ -87,6 +87,35 @@ def stale_keys(run_dir: Path, config: Path, overrides: list[str]) -> dict[str, t
             if not k.startswith(_NOT_COMPARED) and saved[k] != wanted[k]}
 
 
+_LOCK = ".benchmark-lock"
+
+
+def _claim(run_dir: Path) -> bool:
+    """Take a run folder for this process, so two runners on one work folder never train the same run.
+
+    A lock left by a process that no longer exists (killed runner) is taken over.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / _LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError):
+                lock.unlink(missing_ok=True)  # stale: its runner is gone
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def _run(cmd: list[str], log: Path) -> float:
     """Run one CLI step with its output appended to a log; returns wall seconds."""
     start = time.perf_counter()
@@ -268,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"move it away or use another --profile", file=sys.stderr)
                 return 2
             if not (run_dir / "eval-test" / "metrics.json").is_file():
+                if not _claim(run_dir):
+                    print(f"{name:<22} seed {seed}: being trained by another runner; skipped here", flush=True)
+                    continue
                 timing = {}
                 if (run_dir / "checkpoint-last.pt").is_file():
                     timing["train_s"] = _run(ecl + ["train", "--config", str(args.config), "--resume", str(run_dir)]
@@ -276,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     timing["train_s"] = _run(ecl + ["train", "--config", str(args.config)] + sets, log)
                 timing["evaluate_s"] = _run(ecl + ["evaluate", "--run", str(run_dir), "--split", "test"], log)
                 (run_dir / "benchmark-timing.json").write_text(json.dumps(timing))
+                (run_dir / _LOCK).unlink()
             row = collect_run(run_dir, name, seed, args.profile)
             rows.append(row)
             print(f"{name:<22} seed {seed}: val {row['val_bacc_best']:.3f}  test {row['test_bacc']:.3f}  "
