@@ -71,3 +71,24 @@ def test_stale_keys_flags_a_run_trained_under_other_settings(tmp_path: Path):
     changed = sets + ["--set", "method.loss_weight_normalisation=none"]
     assert stale_keys(tmp_path, config, changed) == {"method.loss_weight_normalisation": ("first_epoch", "none")}
     assert stale_keys(tmp_path / "absent", config, changed) == {}  # nothing trained yet
+
+
+def test_claim_takes_free_and_stale_folders_but_not_live_ones(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from benchmarks.longtail.run import _LOCK, _claim
+
+    assert _claim(tmp_path / "a") and _claim(tmp_path / "a")  # ours, twice
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / _LOCK).write_text(done.stdout.strip())  # that process has exited: stale
+    assert _claim(tmp_path / "b")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "c").mkdir()
+        (tmp_path / "c" / _LOCK).write_text(str(live.pid))
+        assert not _claim(tmp_path / "c")
+    finally:
+        live.kill()
+        live.wait()
