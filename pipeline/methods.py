@@ -19,7 +19,15 @@ weight is 0 is not computed at all (so `bcl` has no `cc`, and `ecl` with `gamma:
 First-epoch normalisation (ProConDual; `loss_weight_normalisation: first_epoch`): epoch 0 trains
 with every weight 1 and records each term's mean over the training steps (averaged across ranks);
 `end_epoch(0)` then sets weight = base / mean, so each term enters with a share set by its base
-weight rather than by its raw scale. Only calls made with autograd enabled count, so a validation
+weight rather than by its raw scale.
+
+Anchored normalisation (`first_epoch_lc`, ECL's default since the long-tailed benchmark; evidence in
+docs/method.md): the same shares, but measured against L_LC, whose weight stays 1 throughout:
+weight_k = (base_k / base_lc) * mean_lc / mean_k (epoch 0 trains with base_k / base_lc). Plain
+`first_epoch` divides L_LC by its own first-epoch mean too (about 1.9 on a 10-class cohort), which
+trains ECL's classifier at about 0.4x the effective learning rate of `la` and `bcl`; anchoring keeps
+that rate equal across methods while the contrastive and alignment terms keep their 0.3 : 0.5 : 0.7
+shares. Only calls made with autograd enabled count, so a validation
 pass under `torch.no_grad()` does not disturb the means. The state round-trips through
 `state_dict()` for resume.
 """
@@ -66,7 +74,7 @@ class Method:
         n_views: views per image the data loader must produce (1 or 3).
         term_fn: `(out, labels) -> {term: unweighted scalar}`.
         base_weights: {term: weight} of the active terms.
-        normalisation: "first_epoch" or "none".
+        normalisation: "first_epoch", "first_epoch_lc" (anchored on L_LC) or "none".
     """
 
     def __init__(self, name: str, n_views: int, term_fn: TermFn, base_weights: dict[str, float],
