@@ -391,11 +391,15 @@ def geometry_section(features_h: Any, features_z: Any, labels: Any, classifier_w
             f"{m['projection/minority_collapse_tail']:.3f} (head classes: "
             f"{m.get('projection/minority_collapse_head', math.nan):.3f}); the optimum predicts "
             f"{predicted:.3f}, and 1 would mean they have merged.")
+    why = ("its features are non-negative (post-ReLU), so raw cosines cannot be negative"
+           if float(np.min(features_h.detach().cpu().numpy() if hasattr(features_h, "detach")
+                           else np.asarray(features_h))) >= 0
+           else "a common offset would otherwise dominate the cosines")
     section.sentences.append(
-        f"In the backbone, whose features are post-ReLU (so raw cosines are never negative), the centred "
-        f"class means are at Frobenius distance {m['backbone/centred_gram_dist_simplex']:.3f} from a regular "
-        f"simplex (mean spacing MS = {m['backbone/MS']:.3g}; 0 would be a simplex); they are not compared "
-        f"with the optimum G*, which describes normalised projections.")
+        f"In the backbone the class means are centred first ({why}); centred, they are at Frobenius distance "
+        f"{m['backbone/centred_gram_dist_simplex']:.3f} from a regular simplex (mean spacing "
+        f"MS = {m['backbone/MS']:.3g}; 0 would be a simplex), and they are not compared with the optimum G*, "
+        f"which describes normalised projections.")
     fc = f"Within-class spread relative to between-class spread (FC) is {m['backbone/FC']:.3g} in the backbone"
     if has_projection:
         fc += f" and {m['projection/FC']:.3g} in the projection"

@@ -251,6 +251,7 @@ def test_evaluate_geometry_sentences_are_true_for_the_method(tmp_path, one_threa
     assert not any("could not be computed" in w for w in payload["warnings"])
     # backbone: centred Gram against the simplex, stated with its own number, never against G*
     assert f"distance {m['backbone/centred_gram_dist_simplex']:.3f} from a regular simplex" in text
+    assert "its features are non-negative (post-ReLU)" in text  # test_resnet ends in a ReLU and pooling
     assert not any(k.startswith("backbone/") and "optimal" in k for k in m)
     assert ("backbone/alignment" in m) == (method == "ecl")
     fc = [s for s in sentences if s.startswith("Within-class spread")][0]

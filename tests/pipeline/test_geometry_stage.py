@@ -111,6 +111,7 @@ def test_geometry_section_synthetic_clusters_finite_metrics_png() -> None:
     assert set(section.figures) == {"gram_projection", "gram_backbone"}
     assert all(png.startswith(PNG_SIGNATURE) and len(png) > 1000 for png in section.figures.values())
     assert any("No minority collapse is predicted" in s for s in section.sentences)
+    assert any("centred first (a common offset would otherwise dominate" in s for s in section.sentences)  # h < 0
 
 
 def _closer_sentence_is_true(section) -> None:
@@ -158,6 +159,7 @@ def test_geometry_section_without_projection_head_makes_no_projection_claims() -
     assert "no projection head" in section.sentences[-1]
     direct = geometry.measure_geometry(np.maximum(h, 0), y, weight, counts, gram="centred")
     assert f"distance {direct['centred_gram_dist_simplex']:.3f} from a regular simplex" in text
+    assert "its features are non-negative (post-ReLU)" in text  # np.maximum(h, 0) above
     assert section.warnings == []
 
 
