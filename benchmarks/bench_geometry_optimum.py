@@ -34,6 +34,8 @@ def _cases(n_random: int, seed: int) -> list[tuple[str, np.ndarray, int, str, fl
              ("two-level-1e4", np.array([1e4, 1, 1e4, 1, 1e4, 1]))]
     out = [(name, c, 1, "scl", tau) for tau in TAUS for name, c in fixed]
     out += [("isic-k2", ISIC, 2, "scl", tau) for tau in TAUS]
+    ten = np.concatenate([ISIC, [100.0, 50.0]])  # the largest expansions: C = 10 with k = 3 negatives
+    out += [(f"ten-k3-{mode}", ten, 3, mode, tau) for mode in ("scl", "ucl") for tau in TAUS]
     for i in range(n_random):
         k_classes = int(rng.integers(2, 11))
         negatives = int(rng.choice([1, 1, 2, 3])) if k_classes <= 8 else int(rng.choice([1, 2]))
