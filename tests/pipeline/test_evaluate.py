@@ -233,7 +233,7 @@ def test_evaluate_finishes_when_the_optimum_fails(tmp_path, one_thread, monkeypa
 
 
 @pytest.mark.parametrize("method", ["ce", "supcon", "ecl"])
-def test_evaluate_geometry_sentences_are_true_for_the_method(tmp_path, one_thread, method):
+def test_evaluate_geometry_sentences_are_true_for_the_method(tmp_path, one_thread, method, capfd):
     """Real training runs: heads follow the method, and every geometry sentence matches its numbers."""
     from pipeline.checkpoint import load_trained_model
     from pipeline.evaluate import run_evaluate
@@ -244,7 +244,10 @@ def test_evaluate_geometry_sentences_are_true_for_the_method(tmp_path, one_threa
     network = load_trained_model(trained.run_dir).network
     assert (network.projection is not None) == (method != "ce")
     assert network.has_prototypes == (method == "ecl")  # supcon never uses prototypes: no head
+    capfd.readouterr()
     result = run_evaluate(str(trained.run_dir), split="val", out_dir=tmp_path / "eval")
+    out, err = capfd.readouterr()
+    assert "complementary slackness" not in out + err and "CLARABEL" not in out + err  # no solver chatter
     payload = json.loads((result.out_dir / "metrics.json").read_text())
     m, sentences = payload["geometry"]["metrics"], payload["geometry"]["sentences"]
     text = " ".join(sentences)
