@@ -6,9 +6,9 @@ Three ways in (exactly one per call):
   formulation of the Nguyen et al. program), print it, print the predicted cosines among the rare
   classes and the minority-collapse threshold of the cohort's two-level reduction, save a heat map.
 * ``majority`` / ``minority`` (/ ``ratio``): the two-level problem directly: b*(R) and R*.
-* ``run_ref``: a trained run's learned geometry on one split (backbone and projection features),
-  with heat maps and plain-language sentences; `geometry_section` is the same computation for the
-  evaluation report.
+* ``run_ref``: a trained run's learned geometry on one split (backbone features, and projections where
+  the network has a projection head), with heat maps and plain-language sentences;
+  `geometry_section` is the same computation for the evaluation report.
 
 **The two-level reduction of a cohort.** Real cohorts have many levels of imbalance; the collapse
 threshold is only known for two. Classes whose training count is below the median count are the
