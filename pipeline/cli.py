@@ -128,12 +128,13 @@ def _cmd_geometry(args: argparse.Namespace) -> int:
         try:
             counts = [int(v) for v in args.class_counts.split(",") if v.strip()]
         except ValueError:
-            raise SystemExit(f"ecl geometry: --class-counts {args.class_counts!r} must be integers separated by commas") from None
+            raise SystemExit(f"ecl geometry: --counts {args.class_counts!r} must be integers separated by commas") from None
     if counts is None and args.run is None and args.majority is None:
-        raise SystemExit("ecl geometry: give --class-counts N,N,..., --majority/--minority, or --run RUN_ID")
+        raise SystemExit("ecl geometry: give --counts N,N,..., --majority/--minority, or --run RUN_ID")
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     run_geometry(class_counts=counts, majority=args.majority, minority=args.minority, ratio=args.ratio,
                  negatives=args.negatives, temperature=args.temperature, mode=args.mode, out_dir=args.out,
-                 run_ref=args.run, split=args.split, tracking_uri=args.tracking_uri)
+                 run_ref=args.run, split=args.split, tracking_uri=args.tracking_uri, class_names=names)
     return 0
 
 
@@ -228,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("geometry", help="optimal and learned representation geometry for a cohort's imbalance")
-    p.add_argument("--class-counts", default=None, help="training counts, e.g. 12875,4522,3323,2624,867,628,253,239")
+    p.add_argument("--counts", "--class-counts", dest="class_counts", default=None,
+                   help="training counts, e.g. 12875,4522,3323,2624,867,628,253,239")
+    p.add_argument("--class-names", default=None, help="class names for --counts, comma-separated, e.g. NV,MEL,BCC")
     p.add_argument("--majority", type=int, default=None, help="two-level model: number of majority classes")
     p.add_argument("--minority", type=int, default=None, help="two-level model: number of minority classes")
     p.add_argument("--ratio", type=float, default=None, help="two-level model: imbalance ratio R (omit for b*(R) over a range)")

@@ -604,9 +604,11 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         try:
             geometry = geometry_section(pred.h[labelled], z, y, pred.weight, train_counts, names,
                                         prototypes=pred.prototypes, temperature=cfg.method.temperature)
-        except ValueError as exc:  # e.g. a class with too few samples in this split for a covariance
+        except (ValueError, RuntimeError) as exc:  # e.g. fewer than two classes in this split; never abort
             geometry_note = f"The geometry section could not be computed on this split: {exc}"
+            warn.append(geometry_note)
         if geometry is not None:
+            warn.extend(geometry.warnings)  # e.g. the optimum G* could not be computed, solver messages
             for key, value in geometry.metrics.items():
                 flat[f"geometry/{key}"] = None if value is None or not math.isfinite(float(value)) else float(value)
 

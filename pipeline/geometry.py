@@ -1,47 +1,51 @@
 """Representation geometry: what a trained model's class means look like, and what they should be.
 
-Two halves, both pure (numpy/scipy/cvxpy; no config, no mlflow, no torch required):
+Pure (numpy/scipy/cvxpy; no config, no mlflow, no torch required). Two halves:
 
-* **Measured geometry** of features ``[N, D]`` with labels ``[N]`` (and optionally the classifier
+* **Measured geometry** (this module) of features ``[N, D]`` with labels ``[N]`` (and optionally the classifier
   weight ``[C, D]``): feature collapse FC, mean spacing MS, angular spread SD (the ECL paper's
   representation metrics), equinorm, NC1 (Papyan et al.), self-duality NC3, a minority collapse
   index, and the learned Gram matrix of the normalised class means with its distance to a target.
   Everything is vectorised over samples; only the number of classes is looped over.
 
-* **The optimum** against which the measured Gram is held. Following "Optimal Representations for
-  Generalized Contrastive Learning with Imbalanced Datasets" (Nguyen, Aeron, Brown, Ishwar,
-  arXiv 2605.11291), the best class-mean geometry under imbalance is not a regular simplex but the
-  solution of a convex program in the Gram matrix ``G`` of unit class means. The paper's body was
-  not available offline: the program solved here is **this project's precise formulation** of it
-  (see ``docs`` and ``shared/design/geometry.md``)::
+* **The optimum** against which the measured Gram is held lives in `pipeline.geometry_optimum`
+  (the project's formulation of the Nguyen et al. program, its verified solve, and minority
+  collapse under two-level imbalance); its public names are re-exported here, so
+  ``from pipeline.geometry import optimal_gram`` keeps working.
 
-      minimise over symmetric G   sum_y p_y * E_{c_1..c_k ~ q_y} log(1 + sum_i exp((G[y, c_i] - 1) / tau))
-      subject to                  G >= 0 (PSD),  diag(G) = 1
-
-  with ``q_y(c) = p_c / (1 - p_y)`` for ``c != y`` (supervised, "scl") or ``q(c) = p_c``
-  (unsupervised, "ucl"). The expectation is expanded exactly over multisets of negative classes with
-  multinomial weights and handed to cvxpy (log_sum_exp + PSD cone, solved by Clarabel).
-
-  Under two-level imbalance (K_A majority classes of proportion p_A, K_B minority classes of
-  proportion p_B, R = p_A / p_B) symmetry reduces the program to three cosines a (within majority),
-  b (within minority), c (across). Beyond a threshold R* the optimum puts b = 1: the minority classes
-  share one direction ("minority collapse"). Generic conic solvers lose the O(p_B^2) minority terms at
-  large R, so the reduced problem is solved directly in float64 with nested bounded 1-D searches.
+**Compare like with like** (``docs/geometry.md``): the optimum G* and the simplex describe unit
+vectors that a contrastive loss sees, so only L2-normalised *projection* class means are held
+against them (`normalised_gram`). Backbone features are post-ReLU, so their uncentred cosines are all
+>= 0 by construction; for them use `centred_gram` (``measure_geometry(..., gram="centred")``), which is
+compared with the simplex only.
 """
 from __future__ import annotations
 
-import itertools
-import logging
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from .geometry_optimum import (
+    Mode,
+    OptimumError,
+    OptimumSolution,
+    TwoLevelOptimum,
+    burer_monteiro_gram,
+    expected_loss,
+    minority_collapse,
+    minority_collapse_threshold,
+    negative_multisets,
+    optimal_gram,
+    optimality_gap,
+    simplex_gram,
+    solve_optimum,
+    two_level_optimum,
+)
+
 __all__ = [
-    "Mode",
-    "TwoLevelOptimum",
+    # measured geometry (this module)
     "class_means",
     "feature_collapse",
     "mean_spacing",
@@ -51,31 +55,26 @@ __all__ = [
     "self_duality",
     "classifier_prototype_alignment",
     "normalised_gram",
+    "centred_gram",
     "minority_collapse_index",
-    "simplex_gram",
     "gram_distance",
     "measure_geometry",
+    # the optimum (pipeline.geometry_optimum, re-exported)
+    "Mode",
+    "OptimumError",
+    "OptimumSolution",
+    "TwoLevelOptimum",
+    "simplex_gram",
     "negative_multisets",
     "expected_loss",
     "optimal_gram",
+    "solve_optimum",
+    "optimality_gap",
+    "burer_monteiro_gram",
     "two_level_optimum",
     "minority_collapse",
     "minority_collapse_threshold",
 ]
-
-Mode = Literal["scl", "ucl"]
-
-# Tighter than Clarabel's defaults: the loss is flat around its minimum, so G's error goes like the square
-# root of the objective's. Gaps of 1e-10 plus a smaller static regularisation (the default 1e-8 stalls
-# some symmetric cases near 1e-5) give G to about 1e-9 on the simplex checks, in milliseconds for K <= 10.
-_SOLVER_OPTIONS: dict[str, dict[str, float]] = {
-    "CLARABEL": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10,
-                 "static_regularization_constant": 1e-10, "max_iter": 500},
-}
-
-# Above this many (anchor, multiset) terms the conic program gets slow and memory-hungry; K = 8
-# classes with k = 3 negatives needs 672 (scl) or 960 (ucl), far below it.
-_MAX_TERMS = 50_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +286,16 @@ def classifier_prototype_alignment(classifier_weight: Any, prototypes: Any, mode
     raise ValueError(f"alignment mode must be 'auto', 'duality' or 'gram'; got {mode!r}")
 
 
+def centred_gram(means: Any) -> np.ndarray:
+    """Cosines of the centred class means m_c = mu_c - mean_c mu_c ``[C, C]``.
+
+    The comparison for backbone features: they are post-ReLU, so every uncentred cosine is >= 0 by
+    construction and an uncentred Gram mostly measures that common offset. Centring removes it; a
+    regular simplex of centred means has off-diagonal -1/(C-1), like `simplex_gram`.
+    """
+    return _cosines(_centred(np.asarray(_to_numpy(means), dtype=np.float64)))
+
+
 def normalised_gram(means: Any) -> np.ndarray:
     """G_hat[c, c'] = cos(mu_c, mu_c') of the UNcentred class means ``[C, D]``.
 
@@ -296,15 +305,16 @@ def normalised_gram(means: Any) -> np.ndarray:
     return _cosines(np.asarray(_to_numpy(means), dtype=np.float64))
 
 
-def minority_collapse_index(means: Any, train_counts: Any) -> tuple[float, float]:
+def minority_collapse_index(means: Any, train_counts: Any, centred: bool = False) -> tuple[float, float]:
     """Mean pairwise cosine of the normalised (uncentred) class means among tail and head classes.
 
     Tail classes have a training count below the median count, head classes the rest. The tail value
     is comparable to the optimum's within-minority cosine b*: 1 means the rare classes have merged
-    into one direction. Returns ``(tail, head)``; NaN for a group with fewer than two classes.
+    into one direction. ``centred=True`` uses `centred_gram` instead (backbone features).
+    Returns ``(tail, head)``; NaN for a group with fewer than two classes.
     """
     counts = np.asarray(_to_numpy(train_counts), dtype=np.float64)
-    g = normalised_gram(means)
+    g = centred_gram(means) if centred else normalised_gram(means)
     tail = counts < np.median(counts)
 
     def pairmean(mask: np.ndarray) -> float:
@@ -312,15 +322,6 @@ def minority_collapse_index(means: Any, train_counts: Any) -> tuple[float, float
         return float(np.mean(_offdiag(g[np.ix_(idx, idx)]))) if idx.size >= 2 else math.nan
 
     return pairmean(tail), pairmean(~tail)
-
-
-def simplex_gram(num_classes: int) -> np.ndarray:
-    """Gram of the regular simplex ETF: 1 on the diagonal, -1/(C-1) off it."""
-    if num_classes < 2:
-        return np.ones((num_classes, num_classes))
-    g = np.full((num_classes, num_classes), -1.0 / (num_classes - 1))
-    np.fill_diagonal(g, 1.0)
-    return g
 
 
 def gram_distance(gram: Any, target: Any) -> float:
@@ -336,6 +337,7 @@ def measure_geometry(
     optimal_gram: Any = None,
     prototypes: Any = None,
     num_classes: int | None = None,
+    gram: str = "normalised",
 ) -> dict[str, float]:
     """Every measured-geometry number for one feature space, in one pass over the data.
 
@@ -348,11 +350,17 @@ def measure_geometry(
         optimal_gram: ``[C, C]`` optimum G* to measure the learned Gram against.
         prototypes: ``[C, D_p]`` class prototypes; with a classifier, enables ``alignment``.
         num_classes: C, when it cannot be read from the other arguments.
+        gram: ``"normalised"`` (the default; L2-normalised uncentred means, as the contrastive loss
+            sees them: projections) or ``"centred"`` (cosines of the centred means: backbone
+            features, which are post-ReLU). The centred Gram is compared with the simplex only, and
+            its keys carry a ``centred_`` prefix so nobody mistakes them for the projection's.
 
     Returns:
         Floats keyed ``FC``, ``MS``, ``SD``, ``NC1``, ``equinorm_means``, ``gram_dist_simplex`` and,
         when their inputs are given, ``equinorm_classifier``, ``self_duality``, ``alignment``,
-        ``minority_collapse_tail``, ``minority_collapse_head``, ``gram_dist_optimal``. Between-class
+        ``minority_collapse_tail``, ``minority_collapse_head``, ``gram_dist_optimal`` (with
+        ``gram="centred"``: ``centred_gram_dist_simplex``, ``centred_minority_collapse_tail/head``
+        and no ``gram_dist_optimal``). Between-class
         numbers use the classes present in ``labels``; a key whose value is undefined (a group with
         fewer than two classes) is left out rather than set to NaN.
 
@@ -382,10 +390,19 @@ def measure_geometry(
         "NC1": _nc1(x, y, stats, 1e-6),
         "equinorm_means": equinorm(_centred(means)),
     }
-    gram = normalised_gram(means)
-    out["gram_dist_simplex"] = gram_distance(gram, simplex_gram(c)[np.ix_(present, present)])
+    if gram not in ("normalised", "centred"):
+        raise ValueError(f"gram must be 'normalised' or 'centred'; got {gram!r}")
+    centred = gram == "centred"
+    if centred and optimal_gram is not None:
+        raise ValueError("the optimum G* describes normalised (projection) means; it is not compared with a "
+                         "centred Gram (pass optimal_gram=None with gram='centred')")
+    prefix = "centred_" if centred else ""
+    learned = centred_gram(means) if centred else normalised_gram(means)
+    # the simplex of the classes present (for centred means: of the present classes themselves)
+    target = simplex_gram(present.size) if centred else simplex_gram(c)[np.ix_(present, present)]
+    out[f"{prefix}gram_dist_simplex"] = gram_distance(learned, target)
     if optimal_gram is not None:
-        out["gram_dist_optimal"] = gram_distance(gram, _to_numpy(optimal_gram)[np.ix_(present, present)])
+        out["gram_dist_optimal"] = gram_distance(learned, _to_numpy(optimal_gram)[np.ix_(present, present)])
     if classifier_weight is not None:
         w = np.asarray(_to_numpy(classifier_weight), dtype=np.float64)
         out["equinorm_classifier"] = equinorm(w)
@@ -394,351 +411,9 @@ def measure_geometry(
         if prototypes is not None:
             out["alignment"] = classifier_prototype_alignment(w, prototypes)
     if train_counts is not None:
-        tail, head = minority_collapse_index(means, _to_numpy(train_counts)[present])
+        tail, head = minority_collapse_index(means, _to_numpy(train_counts)[present], centred=centred)
         if math.isfinite(tail):
-            out["minority_collapse_tail"] = tail
+            out[f"{prefix}minority_collapse_tail"] = tail
         if math.isfinite(head):
-            out["minority_collapse_head"] = head
+            out[f"{prefix}minority_collapse_head"] = head
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# The optimum G*
-# --------------------------------------------------------------------------------------------
-def _check_loss_args(negatives: int, temperature: float, mode: str) -> None:
-    if int(negatives) != negatives or negatives < 1:
-        raise ValueError(f"negatives must be a whole number >= 1; got {negatives!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}")
-    if mode not in ("scl", "ucl"):
-        raise ValueError(f"mode must be 'scl' (supervised) or 'ucl' (unsupervised); got {mode!r}")
-
-
-def _check_proportions(proportions: Any) -> np.ndarray:
-    p = np.asarray(_to_numpy(proportions), dtype=np.float64).reshape(-1)
-    if p.size < 2:
-        raise ValueError(f"the optimum needs at least two classes; got {p.size}")
-    if not np.all(np.isfinite(p)) or np.any(p <= 0):
-        raise ValueError("class proportions must be finite and > 0 (every class needs training samples)")
-    return p / p.sum()
-
-
-def _negative_distribution(p: np.ndarray, y: int, mode: str) -> np.ndarray:
-    """q_y over classes: p_c / (1 - p_y) off y for scl; p itself for ucl."""
-    if mode == "ucl":
-        return p.copy()
-    q = p / (1.0 - p[y])
-    q[y] = 0.0
-    return q
-
-
-def negative_multisets(q: np.ndarray, negatives: int) -> list[tuple[float, dict[int, int]]]:
-    """All multisets of ``negatives`` classes drawn i.i.d. from ``q``, with their probabilities.
-
-    The probability of a multiset with multiplicities m_c is k! / prod(m_c!) * prod(q_c^m_c).
-    Returns a list of ``(probability, {class: multiplicity})``; probabilities sum to 1.
-    """
-    support = [c for c in range(q.size) if q[c] > 0]
-    out: list[tuple[float, dict[int, int]]] = []
-    for combo in itertools.combinations_with_replacement(support, negatives):
-        mult: dict[int, int] = {}
-        for c in combo:
-            mult[c] = mult.get(c, 0) + 1
-        weight = math.factorial(negatives)
-        for c, m in mult.items():
-            weight = weight / math.factorial(m) * q[c] ** m
-        out.append((float(weight), mult))
-    return out
-
-
-def _n_terms(k_classes: int, negatives: int, mode: str) -> int:
-    support = k_classes if mode == "ucl" else k_classes - 1
-    return k_classes * math.comb(support + negatives - 1, negatives)
-
-
-def expected_loss(gram: Any, proportions: Any, negatives: int = 1, temperature: float = 0.1,
-                  mode: Mode = "scl") -> float:
-    """The program's objective evaluated at a given Gram ``[K, K]`` (numpy, float64).
-
-    Use it to score a learned Gram against the optimum's objective value.
-    """
-    _check_loss_args(negatives, temperature, mode)
-    p = _check_proportions(proportions)
-    g = np.asarray(_to_numpy(gram), dtype=np.float64)
-    total = 0.0
-    for y in range(p.size):
-        for w, mult in negative_multisets(_negative_distribution(p, y, mode), negatives):
-            inner = sum(m * math.exp((g[y, c] - 1.0) / temperature) for c, m in mult.items())
-            total += p[y] * w * math.log1p(inner)
-    return total
-
-
-def optimal_gram(proportions: Any, negatives: int = 1, temperature: float = 0.1,
-                 mode: Mode = "scl", solver: str | None = None) -> tuple[np.ndarray, float]:
-    """Solve the project's formulation of the Nguyen et al. program for the optimal Gram G*.
-
-    Args:
-        proportions: ``[K]`` class proportions (or counts; they are normalised), all > 0.
-        negatives: k, the number of negatives per anchor.
-        temperature: tau of the InfoNCE-type loss psi.
-        mode: ``"scl"`` (negatives from the other classes) or ``"ucl"`` (from all classes).
-        solver: a cvxpy solver name; default Clarabel, falling back to SCS.
-
-    Returns:
-        ``(G, objective)``: G ``[K, K]`` symmetric PSD with unit diagonal, and the minimal expected loss.
-
-    Raises:
-        ValueError: bad arguments, or an expansion too large to solve (lower ``negatives``).
-        RuntimeError: the solver did not reach an optimal solution.
-
-    The expectation is expanded over multisets of negatives: per anchor class y and multiset
-    {c: m_c}, the term is log_sum_exp([0] + [log m_c + (G[y, c] - 1)/tau]). Terms with the same number
-    of distinct negatives are stacked, so cvxpy sees a handful of vectorised log_sum_exp atoms.
-    """
-    import cvxpy as cp  # the only cvxpy import in the project; deferred so `import pipeline.geometry` is cheap
-
-    _check_loss_args(negatives, temperature, mode)
-    p = _check_proportions(proportions)
-    k_classes = p.size
-    n_terms = _n_terms(k_classes, negatives, mode)
-    if n_terms > _MAX_TERMS:
-        raise ValueError(
-            f"{k_classes} classes with {negatives} negatives expand to {n_terms} loss terms "
-            f"(limit {_MAX_TERMS}); use fewer negatives")
-    # Group terms by the number of distinct negative classes d: rows (anchor, classes, log-mults, weight).
-    groups: dict[int, tuple[list[int], list[list[int]], list[list[float]], list[float]]] = {}
-    for y in range(k_classes):
-        for w, mult in negative_multisets(_negative_distribution(p, y, mode), negatives):
-            ys, cs, logm, ws = groups.setdefault(len(mult), ([], [], [], []))
-            ys.append(y)
-            cs.append(list(mult.keys()))
-            logm.append([math.log(m) for m in mult.values()])
-            ws.append(p[y] * w)
-    # The loss can be tiny (about exp(-1.5/tau) at tau = 0.1), which the solver's absolute tolerances
-    # would swamp; dividing by its value at the simplex makes the program well scaled, same argmin.
-    scale = 1.0 / max(expected_loss(simplex_gram(k_classes), p, negatives, temperature, mode), 1e-300)
-    g = cp.Variable((k_classes, k_classes), PSD=True)
-    objective = 0
-    for d, (ys, cs, logm, ws) in groups.items():
-        ys_arr, cs_arr, logm_arr = np.asarray(ys), np.asarray(cs), np.asarray(logm)
-        rows = [np.zeros(len(ys))]
-        for j in range(d):
-            rows.append(g[ys_arr, cs_arr[:, j]] / temperature + (logm_arr[:, j] - 1.0 / temperature))
-        objective = objective + (scale * np.asarray(ws)) @ cp.log_sum_exp(cp.vstack(rows), axis=0)
-    problem = cp.Problem(cp.Minimize(objective), [cp.diag(g) == 1])
-    installed = cp.installed_solvers()
-    candidates = [solver] if solver else [s for s in ("CLARABEL", "SCS") if s in installed]
-    if not candidates:
-        raise RuntimeError(f"no conic solver for the optimum; cvxpy has {installed}, needs CLARABEL or SCS")
-    last: Exception | None = None
-    for name in candidates:
-        try:
-            with warnings.catch_warnings():
-                # OPTIMAL_INACCURATE is accepted below (at tau = 0.1 Clarabel sometimes stops a hair
-                # short of its 1e-8 gaps; G is then still right to about 1e-5), so its warning is noise.
-                warnings.simplefilter("ignore", UserWarning)
-                cvx_logger = logging.getLogger("__cvxpy__")  # cvxpy logs the same residual notice
-                level = cvx_logger.level
-                cvx_logger.setLevel(logging.ERROR)
-                try:
-                    problem.solve(solver=name, **_SOLVER_OPTIONS.get(name, {}))
-                finally:
-                    cvx_logger.setLevel(level)
-        except cp.error.SolverError as err:  # try the next solver
-            last = err
-            continue
-        if problem.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) and g.value is not None:
-            value = np.asarray(g.value, dtype=np.float64)
-            value = (value + value.T) / 2.0
-            np.fill_diagonal(value, 1.0)
-            return value, expected_loss(value, p, negatives, temperature, mode)
-        last = RuntimeError(f"{name} ended with status {problem.status}")
-    raise RuntimeError(f"the optimal-Gram program was not solved: {last}")
-
-
-# --------------------------------------------------------------------------------------------
-# Two-level imbalance: the reduced three-cosine problem and minority collapse
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TwoLevelOptimum:
-    """Optimum of the reduced problem: within-majority a, within-minority b, cross c, loss value."""
-
-    a: float
-    b: float
-    c: float
-    objective: float
-    collapsed: bool
-
-
-@dataclass(frozen=True)
-class _Reduced:
-    """Exact type-count expansion of the loss for two-level proportions at one ratio R."""
-
-    weight: tuple[float, float]                       # total anchor mass of majority, minority
-    terms: tuple[np.ndarray, np.ndarray]              # per group: [T, 4] rows (prob, n_same, n_cross, n_self)
-    k_major: int
-    k_minor: int
-    temperature: float
-
-
-def _reduced(k_major: int, k_minor: int, ratio: float, negatives: int, temperature: float, mode: str) -> _Reduced:
-    """Expand the expectation by how many negatives fall in each cosine type.
-
-    Only cosines enter psi, so for an anchor of group g a draw of k negatives matters only through
-    (n_same, n_cross, n_self) = negatives in its own group (other classes), in the other group, and
-    (ucl only) in its own class: a multinomial over three cells, which is exact.
-    """
-    p_minor = 1.0 / (k_major * ratio + k_minor)
-    p_major = ratio * p_minor
-    groups = ((k_major, p_major, k_minor, p_minor), (k_minor, p_minor, k_major, p_major))
-    terms = []
-    for k_own, p_own, k_other, p_other in groups:
-        if mode == "scl":
-            cells = ((k_own - 1) * p_own / (1 - p_own), k_other * p_other / (1 - p_own), 0.0)
-        else:
-            cells = ((k_own - 1) * p_own, k_other * p_other, p_own)
-        rows = []
-        for n_same in range(negatives + 1):
-            for n_cross in range(negatives + 1 - n_same):
-                n_self = negatives - n_same - n_cross
-                prob = (math.factorial(negatives) / (math.factorial(n_same) * math.factorial(n_cross)
-                                                     * math.factorial(n_self))
-                        * cells[0] ** n_same * cells[1] ** n_cross * cells[2] ** n_self)
-                if prob > 0:
-                    rows.append((prob, n_same, n_cross, n_self))
-        terms.append(np.asarray(rows, dtype=np.float64))
-    return _Reduced((k_major * p_major, k_minor * p_minor), (terms[0], terms[1]), k_major, k_minor, temperature)
-
-
-def _cross(r: _Reduced, a: float, b: float) -> float:
-    """The optimal cross cosine c*(a, b) = -sqrt((1+(K_A-1)a)(1+(K_B-1)b) / (K_A K_B)).
-
-    The loss increases with c and PSD-ness of the block Gram needs
-    (1+(K_A-1)a)(1+(K_B-1)b) >= K_A K_B c^2, so c sits on that boundary, on the negative side.
-    """
-    u = max(1.0 + (r.k_major - 1) * a, 0.0)
-    v = max(1.0 + (r.k_minor - 1) * b, 0.0)
-    return -math.sqrt(u * v / (r.k_major * r.k_minor))
-
-
-def _objective(r: _Reduced, a: float, b: float) -> float:
-    c = _cross(r, a, b)
-    total = 0.0
-    for weight, rows, own in zip(r.weight, r.terms, (a, b)):
-        inner = (1.0 + rows[:, 1] * math.exp((own - 1.0) / r.temperature)
-                 + rows[:, 2] * math.exp((c - 1.0) / r.temperature) + rows[:, 3])
-        total += weight * float(rows[:, 0] @ np.log(inner))
-    return total
-
-
-def _d_objective_db(r: _Reduced, a: float, b: float) -> float:
-    """d/db of the objective with c = c*(a, b): F_b + F_c * dc*/db (closed form)."""
-    c = _cross(r, a, b)
-    tau = r.temperature
-    e_a, e_b, e_c = (math.exp((t - 1.0) / tau) for t in (a, b, c))
-    f_b = 0.0
-    f_c = 0.0
-    for weight, rows, e_own, is_minor in zip(r.weight, r.terms, (e_a, e_b), (False, True)):
-        denom = 1.0 + rows[:, 1] * e_own + rows[:, 2] * e_c + rows[:, 3]
-        f_c += weight * float(rows[:, 0] @ (rows[:, 2] * e_c / tau / denom))
-        if is_minor:
-            f_b += weight * float(rows[:, 0] @ (rows[:, 1] * e_b / tau / denom))
-    v = 1.0 + (r.k_minor - 1) * b
-    dc_db = c * (r.k_minor - 1) / (2.0 * v) if v > 0 else -math.inf
-    return f_b + f_c * dc_db
-
-
-def _bounded_min(fun: Any, lo: float, hi: float) -> tuple[float, float]:
-    """Minimise a convex 1-D function on [lo, hi], endpoints included (Brent never evaluates them)."""
-    from scipy.optimize import minimize_scalar
-
-    if hi - lo <= 0:
-        return lo, fun(lo)
-    res = minimize_scalar(fun, bounds=(lo, hi), method="bounded", options={"xatol": 1e-12, "maxiter": 500})
-    best = (float(res.x), float(res.fun))
-    for x in (lo, hi):
-        fx = fun(x)
-        if fx <= best[1]:
-            best = (x, fx)
-    return best
-
-
-def _best_a(r: _Reduced, b: float) -> tuple[float, float]:
-    lo = -1.0 / (r.k_major - 1) if r.k_major > 1 else 1.0
-    return _bounded_min(lambda a: _objective(r, a, b), lo, 1.0)
-
-
-def _check_two_level(k_major: int, k_minor: int, ratio: float | None = None) -> None:
-    if int(k_major) != k_major or k_major < 1:
-        raise ValueError(f"the number of majority classes must be a whole number >= 1; got {k_major!r}")
-    if int(k_minor) != k_minor or k_minor < 2:
-        raise ValueError(f"minority collapse needs at least two minority classes; got {k_minor!r}")
-    if ratio is not None and not (math.isfinite(ratio) and ratio >= 1):
-        raise ValueError(f"the imbalance ratio p_major / p_minor must be finite and >= 1; got {ratio!r}")
-
-
-def _collapsed(r: _Reduced) -> tuple[bool, float]:
-    """Is b = 1 optimal? The reduced problem is convex, so yes iff its left slope at b = 1 is <= 0.
-
-    By Danskin's theorem that slope is d/db of the objective at (a*(1), 1).
-    """
-    a_at_1, _ = _best_a(r, 1.0)
-    return _d_objective_db(r, a_at_1, 1.0) <= 0.0, a_at_1
-
-
-def two_level_optimum(k_major: int, k_minor: int, ratio: float, negatives: int = 1,
-                      temperature: float = 0.1, mode: Mode = "scl") -> TwoLevelOptimum:
-    """Solve the reduced three-cosine problem for two-level imbalance in float64.
-
-    Proportions: K_A p_A + K_B p_B = 1 with R = p_A / p_B. The cross cosine is eliminated in closed
-    form (`_cross`); b is found by a bounded 1-D search whose objective is itself a bounded 1-D search
-    over a (partial minimisation keeps convexity, so both searches are unimodal). Collapse (b = 1) is
-    decided exactly from the sign of the slope at b = 1 rather than from where the search stops.
-    """
-    _check_loss_args(negatives, temperature, mode)
-    _check_two_level(k_major, k_minor, ratio)
-    r = _reduced(int(k_major), int(k_minor), float(ratio), int(negatives), float(temperature), mode)
-    collapsed, a_at_1 = _collapsed(r)
-    if collapsed:
-        b = 1.0
-        a = a_at_1
-    else:
-        b, _ = _bounded_min(lambda bb: _best_a(r, bb)[1], -1.0 / (r.k_minor - 1), 1.0)
-        a, _ = _best_a(r, b)
-    return TwoLevelOptimum(a=a, b=b, c=_cross(r, a, b), objective=_objective(r, a, b), collapsed=collapsed)
-
-
-def minority_collapse(k_major: int, k_minor: int, ratio: float, negatives: int = 1,
-                      temperature: float = 0.1, mode: Mode = "scl") -> float:
-    """b*(R): the optimal cosine between two minority class means (1.0 = minority collapse)."""
-    return two_level_optimum(k_major, k_minor, ratio, negatives, temperature, mode).b
-
-
-def minority_collapse_threshold(k_major: int, k_minor: int, negatives: int = 1, temperature: float = 0.1,
-                                mode: Mode = "scl", ratio_max: float = 1000.0, rtol: float = 1e-6) -> float:
-    """R*: the smallest ratio p_A / p_B at which the minority classes collapse (b* = 1).
-
-    Bisection in log R between 1 (balanced: a simplex, never collapsed for K_B >= 2) and
-    ``ratio_max``; returns ``math.inf`` when there is no collapse up to ``ratio_max``. Collapse is
-    monotone in R (more imbalance never un-collapses), which the bisection relies on.
-    """
-    _check_loss_args(negatives, temperature, mode)
-    _check_two_level(k_major, k_minor)
-    if not ratio_max >= 1:
-        raise ValueError(f"ratio_max must be >= 1; got {ratio_max!r}")
-
-    def collapsed(ratio: float) -> bool:
-        return _collapsed(_reduced(int(k_major), int(k_minor), ratio, int(negatives), float(temperature), mode))[0]
-
-    if collapsed(1.0):
-        return 1.0
-    if not collapsed(float(ratio_max)):
-        return math.inf
-    lo, hi = 0.0, math.log(ratio_max)
-    while hi - lo > rtol:
-        mid = 0.5 * (lo + hi)
-        if collapsed(math.exp(mid)):
-            hi = mid
-        else:
-            lo = mid
-    return math.exp(hi)

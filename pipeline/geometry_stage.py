@@ -6,9 +6,9 @@ Three ways in (exactly one per call):
   formulation of the Nguyen et al. program), print it, print the predicted cosines among the rare
   classes and the minority-collapse threshold of the cohort's two-level reduction, save a heat map.
 * ``majority`` / ``minority`` (/ ``ratio``): the two-level problem directly: b*(R) and R*.
-* ``run_ref``: a trained run's learned geometry on one split (backbone and projection features),
-  with heat maps and plain-language sentences; `geometry_section` is the same computation for the
-  evaluation report.
+* ``run_ref``: a trained run's learned geometry on one split (backbone features, and projections where
+  the network has a projection head), with heat maps and plain-language sentences;
+  `geometry_section` is the same computation for the evaluation report.
 
 **The two-level reduction of a cohort.** Real cohorts have many levels of imbalance; the collapse
 threshold is only known for two. Classes whose training count is below the median count are the
@@ -71,6 +71,8 @@ class GeometrySection:
     metrics: dict[str, float] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)
     sentences: list[str] = field(default_factory=list)
+    # what went wrong or what a solver said, for metrics.json "warnings" (never printed by the section)
+    warnings: list[str] = field(default_factory=list)
 
 
 def two_level_reduction(class_counts: Sequence[int] | np.ndarray) -> TwoLevelReduction:
@@ -172,16 +174,33 @@ def _names(class_names: Sequence[str] | None, n: int, what: str) -> list[str]:
     return [str(c) for c in class_names]
 
 
-def _optimum_for_counts(counts: np.ndarray, names: Sequence[str], negatives: int, temperature: float,
-                        mode: str) -> tuple[np.ndarray, float]:
+def _check_counts_positive(counts: np.ndarray, names: Sequence[str]) -> None:
     empty = [names[i] for i in np.flatnonzero(counts <= 0)]
     if empty:
         raise ConfigError(f"class counts: classes {empty} have no training samples; the optimum needs every "
                           "class to occur (drop them from the class list)")
+
+
+def _solve_for_counts(counts: np.ndarray, names: Sequence[str], negatives: int, temperature: float,
+                      mode: str) -> geometry.OptimumSolution:
+    """The verified optimum for training counts (`pipeline.geometry_optimum.solve_optimum`).
+
+    Raises:
+        ConfigError: a class without training samples.
+        PipelineError: no solver produced a verified optimum (the message says what each did).
+    """
+    _check_counts_positive(counts, names)
     try:
-        return geometry.optimal_gram(counts / counts.sum(), negatives, temperature, mode)
-    except RuntimeError as err:
+        return geometry.solve_optimum(counts / counts.sum(), negatives, temperature, mode)
+    except geometry.OptimumError as err:
         raise PipelineError(f"optimal Gram: {err}") from err
+
+
+def _evidence(sol: geometry.OptimumSolution) -> str:
+    """One line saying why G* can be trusted."""
+    agree = "" if sol.agreement is None else f"; conic and Burer-Monteiro solves agree to {sol.agreement:.1e}"
+    return (f"verified: {sol.ratio:.4g} x the simplex's loss, certified optimality gap {sol.gap:.1e} "
+            f"({sol.solver}{agree})")
 
 
 def _run_counts(class_counts: Sequence[int], class_names: Sequence[str] | None, negatives: int,
@@ -190,7 +209,8 @@ def _run_counts(class_counts: Sequence[int], class_names: Sequence[str] | None, 
     if counts.ndim != 1 or counts.size < 2 or np.any(counts < 0) or not np.all(np.isfinite(counts)):
         raise ConfigError("--counts: give at least two non-negative class counts, e.g. --counts 900,90,10")
     names = _names(class_names, counts.size, "--class-names")
-    gram, objective = _optimum_for_counts(counts, names, negatives, temperature, mode)
+    sol = _solve_for_counts(counts, names, negatives, temperature, mode)
+    gram, objective = sol.gram, sol.objective
     col = _predict_collapse(counts, negatives, temperature, mode)
     red = col.reduction
     rare = {f"{names[i]}~{names[j]}": float(gram[i, j]) for k, i in enumerate(red.tail) for j in red.tail[k + 1:]}
@@ -208,6 +228,7 @@ def _run_counts(class_counts: Sequence[int], class_names: Sequence[str] | None, 
     print(f"Optimal Gram G* of unit class means ({mode}, {negatives} negative(s), tau = {temperature:g}), "
           f"expected loss {objective:.6g}:")
     print(_format_matrix(gram, names))
+    print(_evidence(sol))
     if rare:
         print(f"\nPredicted cosines among the rare classes (training count below the median, "
               f"simplex would give {-1.0 / (counts.size - 1):.3f}):")
@@ -222,6 +243,8 @@ def _run_counts(class_counts: Sequence[int], class_names: Sequence[str] | None, 
     return {
         "class_names": names, "class_counts": counts.tolist(), "mode": mode, "negatives": negatives,
         "temperature": temperature, "optimal_gram": gram.tolist(), "objective": objective,
+        "simplex_objective": sol.simplex_objective, "solver": sol.solver, "certified_gap": sol.gap,
+        "solver_agreement": sol.agreement, "solver_notes": list(sol.notes),
         "tail_classes": [names[i] for i in red.tail], "rare_cosines": rare,
         "k_major": red.k_major, "k_minor": red.k_minor, "ratio": red.ratio, "b_star": col.b_star,
         "threshold": col.threshold, "collapse_predicted": col.collapsed, "figure": str(figure),
@@ -252,72 +275,115 @@ def geometry_section(features_h: Any, features_z: Any, labels: Any, classifier_w
                      prototypes: Any = None, temperature: float = 0.1, negatives: int = 1) -> GeometrySection:
     """The report's geometry section for one split of a trained model.
 
+    Compares like with like (``docs/geometry.md``): only the L2-normalised *projection* class means
+    are held against the optimum G* and the simplex. Backbone features are post-ReLU (all uncentred
+    cosines >= 0), so the backbone's Gram is taken of *centred* class means and compared with the
+    simplex only (keys ``backbone/centred_*``). A network without a projection head gets no
+    projection metrics, no G* and no sentence about either.
+
+    The section never fails because of the optimum: when no solver yields a verified G*, the
+    measured geometry is still reported, one sentence says why G* is missing, and the reason is in
+    ``warnings`` (which the evaluation copies into metrics.json). Solver messages go there too.
+
     Args:
         features_h: ``[N, d]`` backbone features.
         features_z: ``[N, d_z]`` projections (L2-normalised or not; cosines do not care), or None
-            for a network without a projection head (ce, la, ...): the backbone features then
-            stand in, and a sentence says so.
+            for a network without a projection head (ce, la, ...).
         labels: ``[N]`` class positions (no -1).
         classifier_weight: ``[C, d]`` raw classifier weight.
         train_class_counts: ``[C]`` training counts, which define the optimum and head/tail.
         class_names: C names in the cohort's order.
-        prototypes: ``[C, d_z]`` class prototypes, for the classifier-prototype alignment.
-        temperature, negatives: of the supervised loss whose optimum G* the Grams are held against.
+        prototypes: ``[C, d_z]`` class prototypes, for the classifier-prototype alignment; None for a
+            network without a prototype head (then no alignment is reported).
+        temperature, negatives: of the supervised loss whose optimum G* the projection is held against.
 
     Returns:
-        GeometrySection with metrics ``backbone/<name>`` and ``projection/<name>`` (names from
-        `pipeline.geometry.measure_geometry`), ``optimum/*`` numbers of the predicted geometry,
-        PNG heat maps ``gram_projection`` and ``gram_backbone`` (learned, optimal, simplex; classes
-        ordered by training count), and plain-language sentences.
+        GeometrySection with metrics ``backbone/<name>`` (``FC``, ``MS``, ``SD``, ``NC1``, equinorms,
+        ``self_duality``, ``alignment`` with prototypes, ``centred_gram_dist_simplex``,
+        ``centred_minority_collapse_*``), ``projection/<name>`` (with a projection head:
+        ``gram_dist_simplex``, ``gram_dist_optimal``, ``minority_collapse_*``, ...), ``optimum/*``
+        (objective, simplex objective, certified gap, two-level numbers), PNG heat maps
+        ``gram_projection`` (learned, G*, simplex) and ``gram_backbone`` (centred learned, simplex),
+        plain-language sentences and warnings.
     """
     counts = np.asarray(train_class_counts, dtype=np.float64)
     names = _names(class_names, counts.size, "geometry section")
     section = GeometrySection()
-    no_projection = features_z is None
-    if no_projection:
-        features_z = features_h
+    has_projection = features_z is not None
+    m = section.metrics
+
+    # the optimum (projection space only) and the cohort's collapse prediction
     gram_opt: np.ndarray | None = None
-    if np.all(counts > 0):
-        gram_opt, objective = _optimum_for_counts(counts, names, negatives, temperature, "scl")
-        section.metrics["optimum/objective"] = objective
-    else:
+    col: _Collapse | None = None
+    if not has_projection:
+        pass
+    elif not np.all(counts > 0):
         section.sentences.append("The optimal geometry is not computed: some classes have no training samples.")
+    else:
+        try:
+            sol = geometry.solve_optimum(counts / counts.sum(), negatives, temperature, "scl")
+        except Exception as err:  # noqa: BLE001 - a report section must not abort the evaluation
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            section.sentences.append(
+                f"The imbalance-aware optimum G* (tau = {temperature:g}, {negatives} negative(s)) could not be "
+                f"computed, so the projection is compared with the regular simplex only: {reason}")
+            section.warnings.append(f"Geometry: the optimum G* could not be computed ({reason}).")
+        else:
+            gram_opt = sol.gram
+            m["optimum/objective"] = sol.objective
+            m["optimum/simplex_objective"] = sol.simplex_objective
+            m["optimum/objective_ratio_to_simplex"] = sol.ratio
+            m["optimum/certified_gap"] = sol.gap
+            if sol.notes:
+                section.warnings.append(f"Geometry: G* {_evidence(sol)}; solver messages: " + "; ".join(sol.notes))
+        try:
+            col = _predict_collapse(counts, negatives, temperature, "scl")
+        except Exception as err:  # noqa: BLE001 - as above
+            section.warnings.append(f"Geometry: the minority-collapse prediction could not be computed ({err}).")
 
-    learned: dict[str, np.ndarray] = {}
-    for space, feats, weight, protos in (("backbone", features_h, classifier_weight, prototypes),
-                                         ("projection", features_z, None, None)):
-        values = geometry.measure_geometry(feats, labels, weight, counts, gram_opt, protos, num_classes=counts.size)
-        section.metrics.update({f"{space}/{k}": v for k, v in values.items()})
-        learned[space] = geometry.normalised_gram(geometry.class_means(feats, labels, counts.size))
+    # measured geometry
+    spaces: dict[str, np.ndarray] = {}
+    values = geometry.measure_geometry(features_h, labels, classifier_weight, counts, None, prototypes,
+                                       num_classes=counts.size, gram="centred")
+    m.update({f"backbone/{k}": v for k, v in values.items()})
+    spaces["backbone"] = geometry.centred_gram(geometry.class_means(features_h, labels, counts.size))
+    if has_projection:
+        values = geometry.measure_geometry(features_z, labels, None, counts, gram_opt, None, num_classes=counts.size)
+        m.update({f"projection/{k}": v for k, v in values.items()})
+        spaces["projection"] = geometry.normalised_gram(geometry.class_means(features_z, labels, counts.size))
 
-    col = _predict_collapse(counts, negatives, temperature, "scl") if gram_opt is not None else None
     if col is not None and col.collapsed is not None:
-        section.metrics["optimum/imbalance_ratio"] = col.reduction.ratio
-        section.metrics["optimum/tail_cosine_two_level"] = float(col.b_star)
+        m["optimum/imbalance_ratio"] = col.reduction.ratio
+        m["optimum/tail_cosine_two_level"] = float(col.b_star)
         if math.isfinite(col.threshold):
-            section.metrics["optimum/collapse_threshold"] = float(col.threshold)
+            m["optimum/collapse_threshold"] = float(col.threshold)
     if col is not None:
         section.sentences.insert(0, _collapse_sentence(col, names))
 
+    # heat maps, classes ordered by training count
     order = np.argsort(-counts, kind="stable")
     ordered = [names[i] for i in order]
     simplex = geometry.simplex_gram(counts.size)
-    for space in ("projection", "backbone"):
-        panels = [(f"learned ({space})", learned[space][np.ix_(order, order)])]
+    if has_projection:
+        panels = [("learned (projection, normalised means)", spaces["projection"][np.ix_(order, order)])]
         if gram_opt is not None:
             panels.append((f"optimum G* (tau={temperature:g}, k={negatives})", gram_opt[np.ix_(order, order)]))
         panels.append(("regular simplex", simplex))
-        section.figures[f"gram_{space}"] = gram_heatmap_png(panels, ordered)
+        section.figures["gram_projection"] = gram_heatmap_png(panels, ordered)
+    section.figures["gram_backbone"] = gram_heatmap_png(
+        [("learned (backbone, centred means)", spaces["backbone"][np.ix_(order, order)]),
+         ("regular simplex", simplex)], ordered)
 
-    m = section.metrics
+    # sentences: each one states only what the numbers above show
     if "projection/gram_dist_optimal" in m:
         closer = "imbalance-aware optimum" if m["projection/gram_dist_optimal"] < m["projection/gram_dist_simplex"] \
             else "regular simplex"
         section.sentences.append(
-            f"The projection class means are closer to the {closer} (Frobenius distance "
-            f"{m['projection/gram_dist_optimal']:.3f} to the optimum, {m['projection/gram_dist_simplex']:.3f} "
+            f"The normalised projection class means are closer to the {closer} (Frobenius distance "
+            f"{m['projection/gram_dist_optimal']:.3f} to the optimum G*, {m['projection/gram_dist_simplex']:.3f} "
             f"to the simplex).")
-    if "projection/minority_collapse_tail" in m and col is not None and col.collapsed is not None:
+    if gram_opt is not None and "projection/minority_collapse_tail" in m and col is not None \
+            and col.collapsed is not None:
         tail = [int(i) for i in col.reduction.tail]
         predicted = float(np.mean(gram_opt[np.ix_(tail, tail)][np.triu_indices(len(tail), 1)]))
         section.sentences.append(
@@ -325,11 +391,23 @@ def geometry_section(features_h: Any, features_z: Any, labels: Any, classifier_w
             f"{m['projection/minority_collapse_tail']:.3f} (head classes: "
             f"{m.get('projection/minority_collapse_head', math.nan):.3f}); the optimum predicts "
             f"{predicted:.3f}, and 1 would mean they have merged.")
+    why = ("its features are non-negative (post-ReLU), so raw cosines cannot be negative"
+           if float(np.min(features_h.detach().cpu().numpy() if hasattr(features_h, "detach")
+                           else np.asarray(features_h))) >= 0
+           else "a common offset would otherwise dominate the cosines")
     section.sentences.append(
-        f"Within-class spread relative to between-class spread (FC) is {m['backbone/FC']:.3g} in the backbone "
-        f"and {m['projection/FC']:.3g} in the projection; 0 means every class has collapsed to its mean.")
-    if no_projection:
-        section.sentences.append("This network has no projection head; 'projection' values repeat the backbone's.")
+        f"In the backbone the class means are centred first ({why}); centred, they are at Frobenius distance "
+        f"{m['backbone/centred_gram_dist_simplex']:.3f} from a regular simplex (mean spacing "
+        f"MS = {m['backbone/MS']:.3g}; 0 would be a simplex), and they are not compared with the optimum G*, "
+        f"which describes normalised projections.")
+    fc = f"Within-class spread relative to between-class spread (FC) is {m['backbone/FC']:.3g} in the backbone"
+    if has_projection:
+        fc += f" and {m['projection/FC']:.3g} in the projection"
+    section.sentences.append(fc + "; 0 means every class has collapsed to its mean.")
+    if not has_projection:
+        section.sentences.append(
+            "This network has no projection head (its method has no contrastive branch), so there are no "
+            "projection-space numbers and nothing is held against the optimum G*.")
     return section
 
 
@@ -337,7 +415,7 @@ def _extract_features(run_ref: str, split: str, tracking_uri: str | None) -> dic
     """Backbone features, projections, labels and heads of a trained run on one split.
 
     Prediction is `pipeline.evaluate.predict_split` (the same eval view and batching as the report);
-    z is None for a model without a projection head (`geometry_section` then uses h).
+    z is None for a model without a projection head (`geometry_section` then reports the backbone only).
     """
     import data_prep
 
@@ -374,8 +452,10 @@ def _run_trained(run_ref: str, split: str, tracking_uri: str | None, negatives: 
         print(f"  {key:<42} {value:.4g}")
     for sentence in section.sentences:
         print(sentence)
-    return {"metrics": section.metrics, "sentences": section.sentences, "figures": figures,
-            "run_id": data["run_id"], "split": split}
+    for warning in section.warnings:
+        print(f"note: {warning}")
+    return {"metrics": section.metrics, "sentences": section.sentences, "warnings": section.warnings,
+            "figures": figures, "run_id": data["run_id"], "split": split}
 
 
 def run_geometry(class_counts: list[int] | None = None, majority: int | None = None, minority: int | None = None,
@@ -427,13 +507,14 @@ def _int_list(text: str) -> list[int]:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of `ecl geometry` (cli.py may pass its subparser in)."""
     p = parser or argparse.ArgumentParser(prog="ecl geometry", description=__doc__.split("\n")[0])
-    p.add_argument("--counts", type=_int_list, help="training count per class, comma-separated")
+    p.add_argument("--counts", "--class-counts", dest="counts", type=_int_list,
+                   help="training count per class, comma-separated")
     p.add_argument("--class-names", type=lambda s: s.split(","), help="class names, comma-separated")
     p.add_argument("--majority", type=int, help="number of majority classes (two-level problem)")
     p.add_argument("--minority", type=int, help="number of minority classes (two-level problem)")
     p.add_argument("--ratio", type=float, help="p_major / p_minor; default: a grid from 1 to 1000")
     p.add_argument("--negatives", type=int, default=1, help="negatives per anchor, k (default 1)")
-    p.add_argument("--tau", type=float, default=0.1, help="loss temperature (default 0.1)")
+    p.add_argument("--tau", "--temperature", dest="tau", type=float, default=0.1, help="loss temperature (default 0.1)")
     p.add_argument("--mode", choices=("scl", "ucl"), default="scl", help="supervised or unsupervised negatives")
     p.add_argument("--run", dest="run_ref", help="trained run: checkpoint, run folder or MLflow run id")
     p.add_argument("--split", default="test", help="split of the run's cache (default test)")

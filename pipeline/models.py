@@ -189,12 +189,37 @@ class EclNetwork(nn.Module):
         # Same init as nn.Linear; the cosine classifier only sees directions, so the scale is moot.
         nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
         self.weight = nn.Parameter(weight)
+        self._build_prototype_head()
+
+    @property
+    def has_prototypes(self) -> bool:
+        """Whether the network carries a prototype head (methods that use prototypes: bcl, ecl)."""
+        return self.prototype_head is not None
+
+    def _build_prototype_head(self) -> None:
+        """A fresh prototype head phi (or none, per `_with_prototypes`) on the classifier's device/dtype."""
         if self._with_prototypes:
             head = (nn.Linear(self._feature_dim, self._proj_dim) if self.prototype_head_kind == "linear"
                     else _mlp(self._feature_dim, self._proj_dim))
-            self.prototype_head = head.to(device=device, dtype=dtype)
+            self.prototype_head = head.to(device=self.weight.device, dtype=self.weight.dtype)
         else:
             self.prototype_head = None
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict`, except that a strict load lets the weights decide the prototype head.
+
+        Why: a method that never uses prototypes (SupCon) is trained without a prototype head, while
+        checkpoints only record ``proj_head``, so `pipeline.checkpoint.load_trained_model` cannot know
+        whether to build one. With ``strict=True`` a state without ``prototype_head.*`` tensors removes
+        the head and a state with them builds one, before loading; non-strict loads (fine-tuning from a
+        parent run) keep the network's own heads.
+        """
+        if strict:
+            stored = any(str(k).startswith("prototype_head.") for k in state_dict)
+            if stored != self.has_prototypes:
+                self._with_prototypes = stored
+                self._build_prototype_head()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def cosine_logits(self, h: Tensor) -> Tensor:
         """s * cos(h, w_c): [N, d] -> [N, C]."""

@@ -181,6 +181,28 @@ def _build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+# which heads each loss term back-propagates into (bc reaches the classifier through phi(w))
+_TERM_HEADS: dict[str, frozenset[str]] = {
+    "ce": frozenset({"classifier"}), "lc": frozenset({"classifier"}),
+    "supcon": frozenset({"projection"}),
+    "bc": frozenset({"projection", "prototypes", "classifier"}),
+    "cc": frozenset({"prototypes", "classifier"}),
+}
+
+
+def _heads_used(method: Any) -> dict[str, bool]:
+    """{head: some active term trains it} for "classifier", "projection" and "prototypes".
+
+    A term this table does not know (a newly registered method) counts as using every head, which
+    keeps its prototype head and DDP's unused-parameter search: safe rather than fast.
+    """
+    terms = set(method.base_weights)
+    if not terms <= set(_TERM_HEADS):
+        return {"classifier": True, "projection": True, "prototypes": True}
+    used = set().union(*(_TERM_HEADS[t] for t in terms))
+    return {head: head in used for head in ("classifier", "projection", "prototypes")}
+
+
 def _init_from(network: torch.nn.Module, ref: str, class_names: list[str], cfg: RunConfig,
                tracking_uri: str | None) -> tuple[str, list[str]]:
     """Load a parent's backbone (+ heads) into `network`; re-initialise the classifier for new classes.
@@ -314,9 +336,15 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
 
     # ---------------------------------------------------------------- model, method, optimiser
     _seed_everything(cfg.train.seed)
-    n_views = create_method(cfg.method, counts).n_views
-    proj_head = n_views > 1  # one-view methods (ce, la, ...) carry no projection head
-    network = create_network(cfg.model, len(class_names), proj_head=proj_head)
+    probe = create_method(cfg.method, counts)
+    proj_head = probe.n_views > 1  # one-view methods (ce, la, ...) carry no projection head
+    heads = _heads_used(probe)
+    # heads follow the method: no prototype head where no active term uses prototypes (supcon); a resumed
+    # run keeps the heads it started with (its optimizer state counts their parameters)
+    prototypes = proj_head and heads["prototypes"]
+    if resume_state is not None:
+        prototypes = any(str(k).startswith("prototype_head.") for k in resume_state["model"])
+    network = create_network(cfg.model, len(class_names), proj_head=proj_head, prototypes=prototypes)
     # built again with the network's widths so a duality/proj_dim mismatch fails before training
     method = create_method(cfg.method, counts, feature_dim=network.feature_dim, proj_dim=network.proj_dim)
     norm = model_data_config(network)
@@ -336,9 +364,12 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
 
     model: torch.nn.Module = network
     if dist.world_size > 1:
-        # some methods leave a head unused (ce has no contrastive branch; supcon ignores prototypes)
+        # heads follow the method, so every parameter gets a gradient unless a term is switched off
+        # (e.g. method.beta=0 leaves the projection head idle) or the method's terms are unknown here
+        unused = (not heads["classifier"]) or (proj_head and not heads["projection"]) \
+            or (network.has_prototypes and not heads["prototypes"])
         model = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            network, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     if cfg.train.compile:
         model = torch.compile(model)
 

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = {"losses", "metrics", "stats", "calibration", "geometry"}
+PURE = {"losses", "metrics", "stats", "calibration", "geometry", "geometry_optimum"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -291,3 +291,86 @@ def test_evaluate_prints_headline_and_writes_model_card(evaluated):
     logged = client.get_run(result.run_id).data.metrics
     assert logged["test/selective/aurc"] == pytest.approx(m["selective/aurc"])
     assert logged["test/sensitivity_at_specificity_90/MEL"] == pytest.approx(m["sensitivity_at_specificity_90/MEL"])
+
+
+def test_evaluate_finishes_when_the_optimum_fails(tmp_path, one_thread, monkeypatch, capfd):
+    """Issue 11: a geometry solver failure is a sentence and a warning, never an aborted evaluation."""
+    from pipeline import geometry
+    from pipeline.evaluate import run_evaluate
+
+    def fail(*args, **kwargs):
+        raise geometry.OptimumError("no solver produced a verified optimum (stand-in: every solver failed)")
+
+    monkeypatch.setattr(geometry, "solve_optimum", fail)
+    cache = evalkit.build_cache(tmp_path / "cache")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_dir = evalkit.make_run(cache, tmp_path / "runs", uri, steps=4)
+    capfd.readouterr()
+    result = run_evaluate(str(run_dir), split="val", out_dir=tmp_path / "eval")
+    payload = json.loads((result.out_dir / "metrics.json").read_text())
+    reason = "no solver produced a verified optimum (stand-in: every solver failed)"
+    assert f"Geometry: the optimum G* could not be computed ({reason})." in payload["warnings"]
+    geo = payload["geometry"]
+    assert geo["metrics"]["backbone/FC"] is not None and "projection/gram_dist_simplex" in geo["metrics"]
+    assert "projection/gram_dist_optimal" not in geo["metrics"]
+    [sentence] = [s for s in geo["sentences"] if "could not be computed" in s]
+    html = (result.out_dir / "report.html").read_text(encoding="utf-8")
+    assert "could not be computed, so the projection is compared with the regular simplex only" in html
+    assert sentence.endswith(reason)
+    out, err = capfd.readouterr()
+    assert "complementary slackness" not in out + err and reason not in out + err
+
+
+@pytest.mark.parametrize("method", ["ce", "supcon", "ecl"])
+def test_evaluate_geometry_sentences_are_true_for_the_method(tmp_path, one_thread, method, capfd):
+    """Real training runs: heads follow the method, and every geometry sentence matches its numbers."""
+    from pipeline.checkpoint import load_trained_model
+    from pipeline.evaluate import run_evaluate
+    from pipeline.geometry import measure_geometry
+
+    cache = evalkit.build_cache(tmp_path / "cache")
+    trained = evalkit.train_tiny(cache, tmp_path / "runs", f"sqlite:///{tmp_path}/mlflow.db", method=method)
+    network = load_trained_model(trained.run_dir).network
+    assert (network.projection is not None) == (method != "ce")
+    assert network.has_prototypes == (method == "ecl")  # supcon never uses prototypes: no head
+    capfd.readouterr()
+    result = run_evaluate(str(trained.run_dir), split="val", out_dir=tmp_path / "eval")
+    out, err = capfd.readouterr()
+    assert "complementary slackness" not in out + err and "CLARABEL" not in out + err  # no solver chatter
+    payload = json.loads((result.out_dir / "metrics.json").read_text())
+    m, sentences = payload["geometry"]["metrics"], payload["geometry"]["sentences"]
+    text = " ".join(sentences)
+    assert not any("could not be computed" in w for w in payload["warnings"])
+    # backbone: centred Gram against the simplex, stated with its own number, never against G*
+    assert f"distance {m['backbone/centred_gram_dist_simplex']:.3f} from a regular simplex" in text
+    assert "its features are non-negative (post-ReLU)" in text  # test_resnet ends in a ReLU and pooling
+    assert not any(k.startswith("backbone/") and "optimal" in k for k in m)
+    assert ("backbone/alignment" in m) == (method == "ecl")
+    fc = [s for s in sentences if s.startswith("Within-class spread")][0]
+    assert f"is {m['backbone/FC']:.3g} in the backbone" in fc
+    if method == "ce":
+        assert not any(k.startswith(("projection/", "optimum/")) for k in m)
+        assert "projection" not in fc and "G* (" not in text and "closer to" not in text
+        assert sentences[-1].startswith("This network has no projection head")
+        return
+    assert f"and {m['projection/FC']:.3g} in the projection" in fc
+    assert m["optimum/objective_ratio_to_simplex"] <= 1 and m["optimum/certified_gap"] <= 1e-4
+    [closer] = [s for s in sentences if s.startswith("The normalised projection class means are closer")]
+    nearest = "imbalance-aware optimum" if m["projection/gram_dist_optimal"] < m["projection/gram_dist_simplex"] \
+        else "regular simplex"
+    assert f"closer to the {nearest} " in closer
+    assert f"{m['projection/gram_dist_simplex']:.3f} to the simplex" in closer
+    # the projection numbers are those of the normalised z means, recomputed here
+    pred_z, pred_y = [], []
+    with torch.no_grad():
+        from pipeline.data import create_eval_loader
+        from pipeline.models import model_data_config
+        from data_prep import open_cache
+
+        c = open_cache(cache)
+        cfg = load_trained_model(trained.run_dir).config
+        for x, y, _ in create_eval_loader(c, "val", cfg.data, model_data_config(network), 64):
+            pred_z.append(network(x, return_all=True)["z"])
+            pred_y.append(y)
+    direct = measure_geometry(torch.cat(pred_z).numpy(), torch.cat(pred_y).numpy(), num_classes=4)
+    assert m["projection/gram_dist_simplex"] == pytest.approx(direct["gram_dist_simplex"], rel=1e-4, abs=1e-6)

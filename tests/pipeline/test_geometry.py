@@ -310,3 +310,196 @@ def test_minority_collapse_bad_arguments_error() -> None:
         g.minority_collapse(3, 1, 10.0)
     with pytest.raises(ValueError, match="must be finite and >= 1"):
         g.minority_collapse(3, 3, 0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# the optimum at the temperatures reports use (issue 11): never worse than the simplex, and in
+# agreement with an independent solve written here (ordered-tuple loss, torch autograd, scipy L-BFGS)
+# ------------------------------------------------------------------------------------------
+ISIC_COUNTS = np.array([12875, 4522, 3323, 2624, 867, 628, 253, 239], dtype=np.float64)
+PROJECT_ORDER = np.array([4522, 12875, 3323, 867, 2624, 239, 253, 628], dtype=np.float64)  # MEL, NV, BCC, ...
+REPORT_TAUS = (1.0, 0.5, 0.1, 0.07, 0.05)
+
+
+def _independent_optimum(p: np.ndarray, k: int, tau: float, mode: str, seeds=(101, 202, 303)) -> float:
+    """Best objective over random starts of L-BFGS on unit vectors, gradient by autograd.
+
+    Independent of pipeline.geometry_optimum: the loss is the ordered-tuple enumeration above, the
+    gradient comes from torch, and the starts are different random seeds. Scaled by the simplex loss.
+    """
+    from scipy.optimize import minimize
+
+    kk = p.size
+    ys, cs, ws = _ordered_tuple_loss_terms(p, k, mode)
+    unit = _brute_loss(g.simplex_gram(kk), p, k, tau, mode)
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        v = torch.tensor(x.reshape(kk, kk), dtype=torch.float64, requires_grad=True)
+        u = torch.nn.functional.normalize(v, dim=1)
+        gm = u @ u.T
+        loss = (ws * torch.log1p(torch.exp((gm[ys[:, None], cs] - 1) / tau).sum(1))).sum() / unit
+        (grad,) = torch.autograd.grad(loss, v)
+        return float(loss), grad.numpy().ravel()
+
+    best = math.inf
+    for seed in seeds:
+        x0 = np.random.default_rng(seed).normal(size=kk * kk)
+        res = minimize(fun, x0, jac=True, method="L-BFGS-B",
+                       options={"maxiter": 5000, "maxcor": 30, "gtol": 1e-12, "ftol": 1e-15})
+        best = min(best, float(res.fun))
+    return best * unit
+
+
+def _optimum_cases() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    return [
+        ("isic-sorted", ISIC_COUNTS),
+        ("isic-project-order", PROJECT_ORDER),
+        ("isic-permuted-a", rng.permutation(ISIC_COUNTS)),
+        ("isic-permuted-b", rng.permutation(ISIC_COUNTS)),
+        ("balanced-8", np.full(8, 500.0)),
+        ("two-level-extreme", np.array([1e4, 1, 1e4, 1, 1e4, 1])),  # R = 1e4, interleaved
+    ]
+
+
+@pytest.mark.parametrize("tau", REPORT_TAUS)
+@pytest.mark.parametrize("name,counts", _optimum_cases(), ids=[c[0] for c in _optimum_cases()])
+def test_optimum_no_worse_than_simplex_and_agrees_with_independent_solve(name: str, counts: np.ndarray,
+                                                                        tau: float) -> None:
+    p = counts / counts.sum()
+    gram, objective = g.optimal_gram(p, 1, tau)
+    np.testing.assert_allclose(np.diag(gram), 1.0, atol=1e-12)
+    np.testing.assert_allclose(gram, gram.T, atol=1e-12)
+    assert np.linalg.eigvalsh(gram).min() > -1e-9
+    simplex = _brute_loss(g.simplex_gram(p.size), p, 1, tau, "scl")
+    assert objective == pytest.approx(_brute_loss(gram, p, 1, tau, "scl"), rel=1e-10)
+    assert objective <= simplex * (1 + 1e-9)
+    independent = _independent_optimum(p, 1, tau, "scl")
+    assert abs(objective - independent) <= 1e-4 * independent, (objective / simplex, independent / simplex)
+    if name == "balanced-8":
+        np.testing.assert_allclose(gram, g.simplex_gram(8), atol=1e-4)
+    else:
+        assert objective < 0.9 * simplex  # the imbalance-aware optimum really beats the simplex
+
+
+@pytest.mark.parametrize("tau", (0.1, 0.05))
+def test_optimum_follows_the_class_order(tau: float) -> None:
+    """Permuting the classes permutes G* and leaves the objective unchanged."""
+    perm = np.array([3, 0, 7, 5, 1, 6, 2, 4])
+    gram, objective = g.optimal_gram(ISIC_COUNTS, 1, tau)
+    gram_p, objective_p = g.optimal_gram(ISIC_COUNTS[perm], 1, tau)
+    assert objective_p == pytest.approx(objective, rel=1e-6)
+    # the rare-class block is barely determined at small tau (its terms weigh ~1e-6), the rest is
+    head = [0, 1, 2, 3]
+    inv = np.argsort(perm)
+    np.testing.assert_allclose(gram_p[np.ix_(inv, inv)][np.ix_(head, head)], gram[np.ix_(head, head)], atol=2e-3)
+
+
+@pytest.mark.parametrize("k,mode,tau", [(2, "scl", 0.05), (3, "scl", 0.1), (2, "ucl", 0.07)])
+def test_optimum_more_negatives_verified(k: int, mode: str, tau: float) -> None:
+    p = np.array([900.0, 300, 120, 40, 10])
+    sol = g.solve_optimum(p, k, tau, mode)
+    assert sol.gap <= 1e-4 and sol.ratio <= 1 + 1e-9
+    assert sol.objective == pytest.approx(_brute_loss(sol.gram, p / p.sum(), k, tau, mode), rel=1e-10)
+    independent = _independent_optimum(p / p.sum(), k, tau, mode, seeds=(5, 6))
+    assert abs(sol.objective - independent) <= 1e-4 * independent
+
+
+def test_extreme_two_level_matches_reduced_problem_objective() -> None:
+    """R = 1e4 at tau 0.05: objective of the full solve equals the reduced three-cosine problem's."""
+    opt = g.two_level_optimum(3, 3, 1e4, 1, 0.05)
+    _, objective = g.optimal_gram(np.array([1e4, 1e4, 1e4, 1, 1, 1]), 1, 0.05)
+    assert objective == pytest.approx(opt.objective, rel=1e-4)
+
+
+def test_solution_reports_its_evidence() -> None:
+    sol = g.solve_optimum(PROJECT_ORDER, 1, 0.07)
+    assert sol.simplex_objective == pytest.approx(g.expected_loss(g.simplex_gram(8), PROJECT_ORDER, 1, 0.07),
+                                                  rel=1e-10)
+    assert sol.ratio == pytest.approx(sol.objective / sol.simplex_objective, rel=1e-8)
+    assert 0.0 <= sol.gap <= 1e-4
+    assert "burer-monteiro" in sol.candidates
+    assert g.optimality_gap(sol.gram, PROJECT_ORDER, 1, 0.07) == pytest.approx(sol.gap, abs=1e-12)
+    # the gap certificate is not vacuous: the simplex itself is far from optimal here
+    assert g.optimality_gap(g.simplex_gram(8), PROJECT_ORDER, 1, 0.07) > 0.5
+
+
+def test_burer_monteiro_alone_matches_conic_where_clarabel_is_reliable() -> None:
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+    bm, bm_obj = g.burer_monteiro_gram(p, 2, 0.5)
+    sol = g.solve_optimum(p, 2, 0.5, solver="CLARABEL")
+    assert sol.agreement is not None and sol.agreement <= 1e-6
+    assert bm_obj == pytest.approx(sol.objective, rel=1e-6)
+    np.testing.assert_allclose(bm, sol.gram, atol=1e-4)
+
+
+def test_a_conic_answer_worse_than_the_simplex_is_rejected(monkeypatch) -> None:
+    """The issue's failure: SCS's 'optimal_inaccurate' Gram with every cosine about +0.63."""
+    import pipeline.geometry_optimum as go
+
+    bad = np.full((8, 8), 0.63)
+    np.fill_diagonal(bad, 1.0)
+    monkeypatch.setattr(go, "_conic_attempt", lambda *a, **k: bad.copy())
+    sol = go.solve_optimum(PROJECT_ORDER, 1, 0.07)
+    assert sol.solver == "burer-monteiro" and sol.ratio < 1
+    assert any("rejected" in n and "worse than the simplex" in n for n in sol.notes)
+    assert sol.candidates["clarabel-tight"][0] > 1e3  # the bad answer, scored: thousands of times the simplex
+
+    def broken_bm(loss, starts=4, seed=0):
+        raise FloatingPointError("diverged")
+
+    monkeypatch.setattr(go, "_burer_monteiro", broken_bm)
+    with pytest.raises(go.OptimumError, match=r"no solver produced a verified optimum.*worse than the simplex"):
+        go.optimal_gram(PROJECT_ORDER, 1, 0.07)
+    with pytest.raises(RuntimeError):  # callers that catch RuntimeError keep working
+        go.optimal_gram(PROJECT_ORDER, 1, 0.07)
+
+
+def test_conic_failure_falls_back_to_burer_monteiro(monkeypatch) -> None:
+    import pipeline.geometry_optimum as go
+
+    def failing(problem, g_var, name, solver, options, notes):
+        notes.append(f"{name}: solver error (stand-in)")
+        return None
+
+    monkeypatch.setattr(go, "_conic_attempt", failing)
+    sol = go.solve_optimum(ISIC_COUNTS, 1, 0.05)
+    assert sol.solver == "burer-monteiro" and sol.gap <= 1e-4 and sol.agreement is None
+    assert [n.split(":")[0] for n in sol.notes] == ["clarabel-tight", "clarabel-default"]  # SCS skipped: verified
+
+
+def test_solver_output_never_reaches_the_terminal(capfd) -> None:
+    """At tau 0.05 Clarabel fails on these counts and cvxpy logs warnings: all of it ends up in notes."""
+    import logging
+
+    import cvxpy  # noqa: F401 - creates cvxpy's logger with its own stderr handler
+
+    logger = logging.getLogger("__cvxpy__")
+    before = (logger.propagate, list(logger.handlers), logger.level)
+    sol = g.solve_optimum(PROJECT_ORDER, 1, 0.05)
+    sol2 = g.solve_optimum(np.array([100.0, 100, 100]), 1, 0.05)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert sol.gap <= 1e-4 and sol2.gap <= 1e-4
+    np.testing.assert_allclose(sol2.gram, g.simplex_gram(3), atol=1e-4)
+    assert (logger.propagate, list(logger.handlers), logger.level) == before  # cvxpy's logging is restored
+    assert any("clarabel" in n for n in sol.notes)  # what the solver said was kept, not dropped
+
+
+def test_centred_gram_sees_a_shifted_simplex_as_a_simplex() -> None:
+    """Post-ReLU-like means: a simplex shifted by a constant. Uncentred cosines are all >= 0."""
+    c = 8
+    verts = np.eye(c) - 1.0 / c
+    means = verts + 0.5  # every coordinate > 0, as after a ReLU
+    x = np.repeat(means, 5, axis=0)
+    y = np.repeat(np.arange(c), 5)
+    raw = g.measure_geometry(x, y)
+    cen = g.measure_geometry(x, y, gram="centred", train_counts=np.arange(c, 0, -1))
+    assert raw["MS"] == pytest.approx(0.0, abs=1e-12) and raw["SD"] == pytest.approx(0.0, abs=1e-12)
+    assert g.normalised_gram(means).min() >= 0
+    assert raw["gram_dist_simplex"] > 1.0  # the uncentred comparison mostly measures the offset
+    assert cen["centred_gram_dist_simplex"] == pytest.approx(0.0, abs=1e-9)
+    assert "gram_dist_simplex" not in cen and "minority_collapse_tail" not in cen
+    assert cen["centred_minority_collapse_tail"] == pytest.approx(-1 / 7, abs=1e-9)
+    with pytest.raises(ValueError, match="not compared with a centred Gram"):
+        g.measure_geometry(x, y, gram="centred", optimal_gram=g.simplex_gram(c))

@@ -79,6 +79,25 @@ def test_without_proj_head_z_and_prototypes_are_none():
     assert out["z"].shape == (2, 96) and out["prototypes"] is None
 
 
+def test_strict_load_lets_the_checkpoint_decide_the_prototype_head():
+    """SupCon checkpoints have no prototype head; loaders build networks from `proj_head` alone."""
+    torch.manual_seed(0)
+    supcon = create_network(ModelConfig(backbone="test_resnet"), num_classes=C, proj_head=True, prototypes=False)
+    ecl = _net()
+    assert ecl.has_prototypes and not supcon.has_prototypes
+    default = _net()
+    default.load_state_dict(supcon.state_dict())  # strict: the head goes
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(default.eval()(x), supcon.eval()(x))
+    assert not default.has_prototypes and default(x, return_all=True)["prototypes"] is None
+    rebuilt = create_network(ModelConfig(backbone="test_resnet"), num_classes=C, proj_head=True, prototypes=False)
+    rebuilt.load_state_dict(ecl.state_dict())  # strict: the head comes back, with the stored weights
+    assert torch.equal(rebuilt.class_prototypes(), ecl.class_prototypes())
+    fine_tune = _net()
+    missing, unexpected = fine_tune.load_state_dict(supcon.state_dict(), strict=False)  # keeps its own heads
+    assert fine_tune.has_prototypes and all(k.startswith("prototype_head.") for k in missing) and not unexpected
+
+
 def test_reset_classes_keeps_backbone_and_projection():
     net = _net()
     before = {k: v.clone() for k, v in net.backbone.state_dict().items()}

@@ -18,7 +18,7 @@ from pipeline.checkpoint import BEST, LAST, load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.train import (
-    _init_from, _resume_config, cosine_with_warmup, rng_state, run_train, set_rng_state,
+    _heads_used, _init_from, _resume_config, cosine_with_warmup, rng_state, run_train, set_rng_state,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -353,9 +353,11 @@ def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------------------------ DDP
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(work, cache, tmp_path):
+@pytest.mark.parametrize("method", ["ecl", "supcon"])
+def test_torchrun_two_processes_on_cpu(work, cache, tmp_path, method):
+    """DDP without the unused-parameter search: every parameter of these methods' heads gets a gradient."""
     out = tmp_path / "runs"
-    args = [f"data.cache={cache}", "data.image_size=32", "data.num_workers=0", "model.backbone=test_resnet",
+    args = [f"method.name={method}", f"data.cache={cache}", "data.image_size=32", "data.num_workers=0", "model.backbone=test_resnet",
             "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2", "train.device=cpu",
             f"train.output_dir={out}", "train.run_name=ddp", f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
@@ -366,3 +368,23 @@ def test_torchrun_two_processes_on_cpu(work, cache, tmp_path):
     ckpt = load_checkpoint(out / "ddp" / LAST)
     assert ckpt["epoch"] == 0 and (out / "ddp" / BEST).is_file()
     assert tracking.get_run(ckpt["tracking_uri"], ckpt["mlflow_run_id"]).data.tags["world_size"] == "2"
+    assert any(k.startswith("prototype_head.") for k in ckpt["model"]) == (method == "ecl")
+
+
+def test_heads_follow_the_methods_active_terms():
+    from pipeline.registry import create_method
+
+    counts = np.array([10, 5, 2])
+
+    def heads(name, **kw):
+        return _heads_used(create_method(load_config(base={"method": {"name": name, **kw}}).method, counts))
+
+    assert heads("ecl") == {"classifier": True, "projection": True, "prototypes": True}
+    assert heads("supcon") == {"classifier": True, "projection": True, "prototypes": False}
+    assert heads("ce") == {"classifier": True, "projection": False, "prototypes": False}
+    assert heads("supcon", beta=0.0)["projection"] is False  # a switched-off term leaves its head idle
+
+    class Unknown:
+        base_weights = {"mystery": 1.0}
+
+    assert all(_heads_used(Unknown()).values())  # unknown terms: keep every head (safe)
