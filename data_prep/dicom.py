@@ -16,6 +16,9 @@ SimpleITK's `GetDirection()` reshaped to 3x3; `origin` is the world position of 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +181,32 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n else None
 
 
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Silence pydicom's value validation while reading.
+
+    Why: pydicom warns (on stderr and its logger) with the offending value itself, e.g.
+    "Invalid value for VR UI: '1.2.826.0.1.3680043.10.054321.1'" for a UID with a leading-zero
+    component, common in legacy exports; that would print a study or series UID. The values are
+    only read into memory and pseudonymised, so nothing is lost by not validating them.
+    """
+    import pydicom.config
+
+    settings = pydicom.config.settings
+    old_mode = settings.reading_validation_mode
+    logger = logging.getLogger("pydicom")
+    old_disabled = logger.disabled
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        settings.reading_validation_mode = old_mode
+        logger.disabled = old_disabled
+
+
 def _is_part10(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
@@ -204,8 +233,9 @@ def _read_header(path: Path) -> tuple[SliceHeader, dict[str, Any]] | None:
             )
         return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        info = {k: ds.get(k) for k in _HEADER_TAGS}
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            info = {k: ds.get(k) for k in _HEADER_TAGS}
         header = SliceHeader(
             path=path,
             position=_floats(info["ImagePositionPatient"], 3),  # type: ignore[arg-type]
@@ -375,7 +405,8 @@ def _decode(path: Path, name: str, shape: tuple[int, int]) -> np.ndarray:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path)
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path)
     except Exception as exc:
         raise DataPrepError(f"{path}: cannot be read as DICOM ({type(exc).__name__}: {exc}); the file is damaged or truncated. Re-export it.", str(path)) from exc
     if "PixelData" not in ds:
@@ -383,14 +414,16 @@ def _decode(path: Path, name: str, shape: tuple[int, int]) -> np.ndarray:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(ts, "name", str(ts))
     try:
-        arr = ds.pixel_array
+        with quiet_pydicom():
+            arr = ds.pixel_array
     except Exception as exc:
         raise DataPrepError(f"{path}: the pixel data cannot be decoded (transfer syntax {ts_name}; {type(exc).__name__}: {exc}). "
                             f"The file is truncated, or its compression needs a decoder that is not installed (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg).", str(path)) from exc
     if arr.shape != shape:
         raise DataPrepError(f"{path}: decoded image has shape {arr.shape}, expected {shape} from its header in {name}.", str(path))
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    with quiet_pydicom():
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return (arr.astype(np.float64) * slope + intercept).astype(np.float32)
 
 

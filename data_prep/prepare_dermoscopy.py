@@ -45,7 +45,7 @@ from .io import atomic_write_text, bytes_sha256, file_sha256
 from .isic import ISIC2019_CLASSES, METADATA_COLUMNS, list_image_files, match_images, read_ground_truth, read_metadata
 from .manifest import build_manifest, read_split_file, validate_manifest
 from .options import PrepareOptions
-from .splits import make_split
+from .splits import check_trainable, make_split
 
 __all__ = ["prepare_isic2019", "prepare_csv", "SHARD_SIZE"]
 
@@ -66,6 +66,7 @@ class _Plan:
     source: str
     key_parts: dict = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+    source_path: str | None = None  # the CSV that lists the images, for messages
 
 
 def _decode_shard(task: tuple[int, list[str], int, bool]) -> tuple[int, list[np.ndarray], list[tuple[int, str, str, str]]]:
@@ -121,6 +122,10 @@ def _build_key(plan: _Plan, options: PrepareOptions) -> str:
 
 def _build(plan: _Plan, out_dir: Path, options: PrepareOptions) -> Path:
     """Steps 2-5 of the module docstring for a checked plan."""
+    known = [v for v in plan.labels if v is not None]
+    if known and len(set(known)) < 2:
+        raise DataPrepError(f"{plan.source_path or plan.source}: every image has the class {known[0]!r}; a classifier needs at "
+                            f"least two classes. Check the label column.", plan.source_path)
     splits = _splits_for(plan, options)
     key = _build_key(plan, options)
     writer = CacheWriter(out_dir, key)
@@ -169,6 +174,8 @@ def _build(plan: _Plan, out_dir: Path, options: PrepareOptions) -> Path:
         raise DataPrepError(f"No readable image is left after quarantining {len(quarantined)} file(s); see "
                             f"{quarantine_csv}. Check --images/--image-root and the files listed there.", str(quarantine_csv))
     validate_manifest(manifest, plan.class_names)
+    if not all(v is None for v in plan.labels):
+        check_trainable(list(manifest["label"]), list(manifest["split"]), plan.source_path or plan.source, len(quarantined))
     meta = {
         "kind": "dermoscopy",
         "source": plan.source,
@@ -256,7 +263,8 @@ def prepare_isic2019(
     notices.extend(match_notices)
     metadata, groups = _metadata_frame(images, meta, str(metadata_csv), notices)
     plan = _Plan(images=images, paths=paths, labels=labels, groups=groups, metadata=metadata, class_names=class_names,
-                 source="isic2019", key_parts=key_parts, notices=notices)
+                 source="isic2019", key_parts=key_parts, notices=notices,
+                 source_path=str(ground_truth_csv) if ground_truth_csv is not None else None)
     return _build(plan, Path(out_dir), options)
 
 
@@ -285,6 +293,6 @@ def prepare_csv(
         images=cohort.images, paths=cohort.paths, labels=list(cohort.labels), groups=cohort.groups, metadata=metadata,
         class_names=cohort.class_names, source="csv",
         key_parts={"manifest": file_sha256(manifest_csv), "columns": f"{image_column},{label_column},{group_column}"},
-        notices=list(cohort.notices),
+        notices=list(cohort.notices), source_path=str(manifest_csv),
     )
     return _build(plan, Path(out_dir), options)
