@@ -12,6 +12,10 @@ Values are taken as HU as stored (scl_slope/scl_inter applied by the reader).
 """
 from __future__ import annotations
 
+import gzip
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,53 @@ def nifti_stem(path: str | Path) -> str:
     return Path(name).stem
 
 
+def _check_complete(path: Path) -> None:
+    """Refuse a NIfTI file shorter than its header promises.
+
+    Why: ITK reads a truncated file without an error (it warns on stderr, naming the file, and
+    fills the missing voxels with zeros), so a cut download would silently become a volume of
+    air. The header gives the data offset, the dimensions and the bits per voxel; the file (the
+    decompressed stream for .nii.gz) must hold at least that many bytes. A header this function
+    cannot parse is left to the reader's own error.
+    """
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(540)
+            have = len(head)
+            if gz:
+                while block := fh.read(1 << 20):
+                    have += len(block)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DataPrepError(f"{path}: the file is truncated or damaged ({type(exc).__name__}: {exc}). Re-export or re-copy it.",
+                            str(path)) from None
+    if not gz:
+        have = os.path.getsize(path)
+    for endian in ("<", ">"):
+        if len(head) >= 4 and struct.unpack(endian + "i", head[:4])[0] in (348, 540):
+            break
+    else:
+        return
+    try:
+        if struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        else:  # NIfTI-2
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+    except struct.error:
+        return
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return
+    n = int(np.prod([max(1, int(d)) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+    need = max(offset, 348) + n * bitpix // 8
+    if have < need:
+        raise DataPrepError(f"{path}: the file is truncated: its header promises {need} bytes of image data and header, "
+                            f"{'the decompressed file has' if gz else 'the file has'} {have}. Re-export or re-copy it.", str(path))
+
+
 def load_nifti(path: str | Path) -> Volume:
     """Read a 3D NIfTI file as a Volume (float32 [z, y, x], LPS origin/direction).
 
@@ -42,6 +93,8 @@ def load_nifti(path: str | Path) -> Volume:
     import SimpleITK as sitk
 
     path = Path(path)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's warnings quote the file path; faults raise here instead
+    _check_complete(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:

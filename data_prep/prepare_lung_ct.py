@@ -372,6 +372,7 @@ def _grid_volume(task: _Task) -> Volume:
         return check_geometry(task.info, task.name).as_volume_grid()  # type: ignore[arg-type]
     import SimpleITK as sitk
 
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings quote the file path
     reader = sitk.ImageFileReader()
     reader.SetFileName(task.nifti)
     try:

@@ -182,6 +182,29 @@ def test_prepare_ct_nifti_input_with_voxel_centres(cohort, tmp_path):
     assert len(cache) == 8 and set(cache.manifest["patient"]) == {pseudonym(f"vol{i}", SALT) for i in range(4)}
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_prepare_ct_truncated_nifti_is_an_error_naming_the_volume_by_pseudonym(cohort, tmp_path, suffix, capfd):
+    from data_prep.dicom import load_series
+
+    labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})
+    rows = []
+    for i in range(4):
+        vol = load_series(cohort["images"] / f"case_{i:03d}")
+        img = sitk.GetImageFromArray(vol.array)
+        img.SetSpacing(vol.spacing[::-1])
+        img.SetOrigin(vol.origin)
+        img.SetDirection(vol.direction.ravel().tolist())
+        sitk.WriteImage(img, str(tmp_path / f"MRN00{i}{suffix}"))
+        rows.append({"patient_id": f"MRN00{i}", "label": labels.loc[i, "label"]})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    victim = tmp_path / f"MRN002{suffix}"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 2 // 3])  # ITK alone would read this with zero-filled voxels
+    with pytest.raises(DataPrepError, match=rf"^volume {pseudonym('MRN002', SALT, 'S')} \(patient {pseudonym('MRN002', SALT)}\).*truncated") as info:
+        prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS))
+    assert "MRN00" not in str(info.value) and "MRN00" not in "".join(capfd.readouterr())
+
+
 def test_prepare_ct_without_centres_samples_lung_slices(cohort, tmp_path):
     labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})[["patient_id", "label"]]
     labels.to_csv(tmp_path / "labels.csv", index=False)
