@@ -4,9 +4,12 @@ Order of work, cheapest first, so a typo costs a second and not an hour:
 
 1. Parse and check every CSV and that every listed image file exists (`isic.py`,
    `cohort_csv.py`); nothing is decoded yet.
-2. Split: grouped by lesion and stratified by class (`splits.make_split`), or the user's
-   split file (`manifest.read_split_file`). Unlabelled cohorts (the ISIC 2019 test release)
-   go entirely to split "test", the split `ecl predict` and `ecl evaluate` read by default.
+2. Split: the user's split file (`manifest.read_split_file`) is checked now. A generated split
+   (grouped by lesion, stratified by class, `splits.make_split`) is drawn after decoding, over
+   the images actually kept, so quarantined files cannot leave a class without training
+   images (`splits.check_trainable` refuses a cohort that still has one, or one class only).
+   Unlabelled cohorts (the ISIC 2019 test release) go entirely to split "test", the split
+   `ecl predict` and `ecl evaluate` read by default.
 3. Build key: SHA-256 over the cache format version, the PIL version, the *content* hashes of
    the CSVs (and split file), the (name, byte size) of every image file, the column names and
    `options.public_dict()` without `workers` (the process count never changes a pixel). Image
@@ -126,7 +129,9 @@ def _build(plan: _Plan, out_dir: Path, options: PrepareOptions) -> Path:
     if known and len(set(known)) < 2:
         raise DataPrepError(f"{plan.source_path or plan.source}: every image has the class {known[0]!r}; a classifier needs at "
                             f"least two classes. Check the label column.", plan.source_path)
-    splits = _splits_for(plan, options)
+    # a split file (or the unlabelled all-test split) is fixed now; a generated split is drawn after decoding,
+    # over the images actually kept, so that quarantined files cannot leave a class without training images
+    fixed_splits = _splits_for(plan, options) if options.split_file or all(v is None for v in plan.labels) else None
     key = _build_key(plan, options)
     writer = CacheWriter(out_dir, key)
     if writer.is_complete():
@@ -168,14 +173,29 @@ def _build(plan: _Plan, out_dir: Path, options: PrepareOptions) -> Path:
     elif quarantine_csv.is_file():
         quarantine_csv.unlink()
 
+    if fixed_splits is not None:
+        splits = fixed_splits
+    else:
+        kept = np.flatnonzero(keep)
+        drawn, split_notices = make_split([str(plan.labels[i]) for i in kept], [plan.groups[i] for i in kept],
+                                          options.fractions, options.split_seed)
+        splits = np.full(n, "test", dtype=object)
+        splits[kept] = drawn
+        for notice in split_notices:
+            print(f"notice: {notice}")
+        plan.notices.extend(split_notices)
     manifest = build_manifest(plan.images, plan.labels, list(splits), plan.groups, plan.metadata)
     manifest = manifest[keep].reset_index(drop=True)
     if manifest.empty:
+        if not quarantined:
+            raise DataPrepError(f"{plan.source_path or plan.source}: no images to prepare. Check the CSV and --images/--image-root.",
+                                plan.source_path)
         raise DataPrepError(f"No readable image is left after quarantining {len(quarantined)} file(s); see "
                             f"{quarantine_csv}. Check --images/--image-root and the files listed there.", str(quarantine_csv))
     validate_manifest(manifest, plan.class_names)
     if not all(v is None for v in plan.labels):
-        check_trainable(list(manifest["label"]), list(manifest["split"]), plan.source_path or plan.source, len(quarantined))
+        check_trainable(list(manifest["label"]), list(manifest["split"]), plan.source_path or plan.source, len(quarantined),
+                        generated=not options.split_file)
     meta = {
         "kind": "dermoscopy",
         "source": plan.source,

@@ -582,7 +582,7 @@ def _prepare(images_dir: Path, labels_csv: Path, out_dir: Path, options: Prepare
         quarantine_csv.unlink()
     for notice in notices:
         print(f"notice: {notice}")
-    check_trainable(list(manifest["label"]), list(manifest["split"]), str(labels_csv), len(faults.rows))
+    check_trainable(list(manifest["label"]), list(manifest["split"]), str(labels_csv), len(faults.rows), generated=file_split is None)
     present = set(manifest["label"])
     meta = {"kind": "ct", "class_names": [c for c in class_names if c in present], "options": options.public_dict(), "notices": notices}
     writer.finalize(manifest, n_shards, meta)

@@ -99,7 +99,8 @@ def make_split(
     return out.astype(str), notices
 
 
-def check_trainable(labels: Sequence[str], splits: Sequence[str], where: str, quarantined: int = 0) -> None:
+def check_trainable(labels: Sequence[str], splits: Sequence[str], where: str, quarantined: int = 0,
+                    generated: bool = True) -> None:
     """Refuse a labelled cohort that training cannot use: one class only, or a class without any train image.
 
     Why here: both faults are otherwise found an hour later (a one-class softmax, a class the
@@ -110,6 +111,8 @@ def check_trainable(labels: Sequence[str], splits: Sequence[str], where: str, qu
         splits: split per kept image.
         where: what to name in the message (the CSV or input folder).
         quarantined: files left out by `on_error='skip'` (the message then points at them).
+        generated: the split was drawn by `make_split`; a user's split file is taken as meant and
+            only the one-class check applies.
 
     Raises:
         DataPrepError: naming the classes and what to do.
@@ -120,7 +123,7 @@ def check_trainable(labels: Sequence[str], splits: Sequence[str], where: str, qu
     if len(classes) < 2:
         raise DataPrepError(f"{where}: every image has the same class ({', '.join(map(repr, classes)) or 'none'}); "
                             f"a classifier needs at least two classes. Check the label column.", where)
-    if "train" not in set(splits):  # an evaluation-only cache (a split file with no train rows)
+    if not generated or "train" not in set(splits):
         return
     in_train = {lab for lab, s in zip(labels, splits) if s == "train"}
     orphans = [c for c in classes if c not in in_train]
