@@ -185,8 +185,10 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tupl
     if path.is_dir():
         best = path / BEST
         if not best.is_file():
-            raise PipelineError(f"run folder {path} has no {BEST}: the run has not finished an epoch yet; "
-                                f"resume it with `ecl train --resume {path}`")
+            if (path / LAST).is_file():
+                raise PipelineError(f"run folder {path} has no {BEST} yet; resume the run with `ecl train --resume {path}`")
+            raise PipelineError(f"run folder {path} has no checkpoint: the run stopped before its first epoch ended. "
+                                f"Delete the folder and train again")
         return best, None
     from . import tracking
 

@@ -188,7 +188,9 @@ def redact_overrides(overrides: list[str]) -> list[str]:
     out = []
     for item in overrides:
         key, sep, _ = item.partition("=")
-        out.append(f"{key}={REDACTED}" if sep and ".".join(p for p in key.strip().split(".") if p) in _SECRET_KEYS else item)
+        dotted = ".".join(p for p in key.strip().split(".") if p)
+        secret = any(dotted == k or dotted.startswith(k + ".") for k in _SECRET_KEYS)
+        out.append(f"{key}={REDACTED}" if sep and secret else item)
     return out
 
 
@@ -276,6 +278,10 @@ def resolve_method_defaults(cfg: RunConfig) -> RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Load YAML (optional), apply `base` then `--set` overrides, validate and resolve defaults.
 
+    A relative `data.cache` is made absolute (against the working folder), so that the config a
+    run stores still finds its cache when the run is evaluated from elsewhere; `train.run_name`
+    must be a plain folder name. Messages never repeat the value of `prepare.salt`.
+
     Raises:
         ConfigError: unreadable file, unknown key (with suggestions) or invalid value.
     """
@@ -302,6 +308,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = f"{source} with --set {' '.join(redact_overrides(overrides or []))}"
     cfg = resolve_method_defaults(_validate(data, source))
     _check_run_name(cfg, source)
+    if cfg.data.cache and not Path(cfg.data.cache).expanduser().is_absolute():
+        # stored with the run: a relative path would point elsewhere when evaluated from another folder
+        cfg.data.cache = str(Path(cfg.data.cache).expanduser().resolve())
     return cfg
 
 

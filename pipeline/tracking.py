@@ -94,15 +94,58 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local sqlite store while it may be created.
+
+    Why: two trainings that start at once on a new store both run MLflow's schema migrations,
+    and one of them dies in an alembic race; the lock makes the second wait for the first.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the race stays possible there
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def ensure_experiment(uri: str, name: str) -> str:
-    """Point mlflow at `uri` and return the id of experiment `name`, creating it if needed."""
+    """Point mlflow at `uri` and return the id of experiment `name`, creating it if needed.
+
+    Raises:
+        PipelineError: the server cannot be reached, or a local store cannot be opened or created.
+    """
+    from .errors import PipelineError
+
     check_reachable(uri)
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+    try:
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        with _store_lock(uri):
+            mlflow.set_tracking_uri(uri)
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            return mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be opened is the user's to fix
+        if not uri.startswith(("sqlite:", "file:")) and "://" in uri and not isinstance(exc, OSError):
+            raise
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200]
+        raise PipelineError(f"the MLflow store {uri} cannot be opened or created ({type(exc).__name__}: {reason}). "
+                            f"Set tracking.uri (or MLFLOW_TRACKING_URI) to a writable location, e.g. "
+                            f"sqlite:////a/writable/folder/mlflow.db.") from None
 
 
 @contextlib.contextmanager
