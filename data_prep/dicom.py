@@ -247,6 +247,11 @@ def _read_header(path: Path) -> tuple[SliceHeader, dict[str, Any]] | None:
             thickness=float(info["SliceThickness"]) if info["SliceThickness"] not in (None, "") else None,
             spacing_between=float(info["SpacingBetweenSlices"]) if info["SpacingBetweenSlices"] not in (None, "") else None,
         )
+        if not info["SeriesInstanceUID"] or not info["SOPClassUID"]:
+            # every DICOM object has both (type 1); pydicom reads a file cut inside its header without
+            # an error, so without this check a cut slice would vanish silently or open a false gap
+            raise DataPrepError(f"{path}: the DICOM header is incomplete (no SeriesInstanceUID or SOPClassUID): the file is "
+                                f"truncated or damaged. Re-export it.", str(path))
     except DataPrepError:
         raise
     except Exception as exc:  # pydicom raises many types for a damaged header

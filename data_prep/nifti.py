@@ -23,7 +23,7 @@ import numpy as np
 from .dicom import Volume
 from .errors import DataPrepError
 
-__all__ = ["load_nifti", "nifti_stem", "NIFTI_SUFFIXES"]
+__all__ = ["load_nifti", "nifti_stem", "nifti2_volume", "is_nifti2", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -84,6 +84,49 @@ def _check_complete(path: Path) -> None:
                             f"{'the decompressed file has' if gz else 'the file has'} {have}. Re-export or re-copy it.", str(path))
 
 
+def is_nifti2(path: str | Path) -> bool:
+    """True for a NIfTI-2 file (sizeof_hdr 540), plain or gzipped."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
+            head = fh.read(4)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return len(head) == 4 and 540 in (struct.unpack("<i", head)[0], struct.unpack(">i", head)[0])
+
+
+def nifti2_volume(path: str | Path, pixels: bool = True) -> Volume:
+    """A NIfTI-2 file read with nibabel (this SimpleITK build has no NIfTI-2 reader), in ITK's conventions.
+
+    nibabel's affine maps (i, j, k) to RAS+ mm; ITK's LPS origin and direction negate its first two
+    rows, spacing is the length of each column, and the array is transposed to [k, j, i].
+    With `pixels=False` the array is a zero-strided stand-in of the right shape (headers only).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(v) for v in img.shape)
+        if len(shape) != 3:
+            raise DataPrepError(f"{path}: expected a 3D single-channel volume, got shape {shape}.", str(path))
+        affine = np.asarray(img.affine, float)
+        arr = (np.asarray(img.get_fdata(dtype=np.float32)).transpose(2, 1, 0).copy() if pixels
+               else np.broadcast_to(np.float32(0), shape[::-1]))
+    except DataPrepError:
+        raise
+    except Exception as exc:  # nibabel raises many types for a damaged file
+        raise DataPrepError(f"{path}: cannot be read as NIfTI-2 ({type(exc).__name__}: {exc}). The file is damaged or "
+                            f"truncated; re-export it.", str(path)) from None
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :4]
+    spacing_ijk = np.linalg.norm(lps[:, :3], axis=0)
+    if np.any(spacing_ijk <= 0):
+        raise DataPrepError(f"{path}: the NIfTI-2 affine has a zero-length axis; the voxel grid is undefined.", str(path))
+    return Volume(array=arr, spacing=tuple(float(v) for v in spacing_ijk[::-1]),  # type: ignore[arg-type]
+                  origin=tuple(float(v) for v in lps[:, 3]),  # type: ignore[arg-type]
+                  direction=lps[:, :3] / spacing_ijk)
+
+
 def load_nifti(path: str | Path) -> Volume:
     """Read a 3D NIfTI file as a Volume (float32 [z, y, x], LPS origin/direction).
 
@@ -95,6 +138,8 @@ def load_nifti(path: str | Path) -> Volume:
     path = Path(path)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's warnings quote the file path; faults raise here instead
     _check_complete(path)
+    if is_nifti2(path):
+        return nifti2_volume(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:

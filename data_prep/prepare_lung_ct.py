@@ -67,7 +67,7 @@ from .dicom import SeriesInfo, Volume, check_geometry, index_dicom_tree, read_se
 from .errors import DataPrepError
 from .io import atomic_write_text, bytes_sha256, file_sha256, read_user_csv
 from .manifest import read_split_file
-from .nifti import NIFTI_SUFFIXES, load_nifti, nifti_stem
+from .nifti import NIFTI_SUFFIXES, is_nifti2, load_nifti, nifti2_volume, nifti_stem
 from .options import PrepareOptions
 from .splits import check_trainable, make_split
 
@@ -221,6 +221,10 @@ class _Namer:
         self.root = root
         self._map: dict[str, str] = {}
         self._keys: list[str] | None = None
+        self._position = {p: i for i, p in enumerate(files, start=1)}
+        self._by_folder: dict[Path, list[Path]] = defaultdict(list)
+        for p in files:
+            self._by_folder[p.parent].append(p)
         n = len(files)
         for i, p in enumerate(files, start=1):
             self.add(p, f"input file {i} of {n}")
@@ -251,6 +255,10 @@ class _Namer:
         for k, idx in enumerate(order, start=1):
             self.add(info.slices[idx].path, f"{label}, slice {k} of {len(order)}")
         self.add(info.folder, f"the folder of {label}")
+        own = {s.path for s in info.slices}
+        for p in self._by_folder.get(info.folder, []):  # e.g. a slice whose header is too damaged to read
+            if p not in own:
+                self.add(p, f"input file {self._position[p]} of {len(self._position)} (in the folder of {label})")
         for value in (info.patient_id, info.study_uid, info.series_uid):
             self.add_value(value)
 
@@ -372,6 +380,8 @@ def _grid_volume(task: _Task) -> Volume:
         return check_geometry(task.info, task.name).as_volume_grid()  # type: ignore[arg-type]
     import SimpleITK as sitk
 
+    if is_nifti2(task.nifti):  # type: ignore[arg-type]
+        return nifti2_volume(task.nifti, pixels=False)  # type: ignore[arg-type]
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings quote the file path
     reader = sitk.ImageFileReader()
     reader.SetFileName(task.nifti)
@@ -488,6 +498,16 @@ def _prepare(images_dir: Path, labels_csv: Path, out_dir: Path, options: Prepare
              labels: dict[str, list[_Lesion]], class_names: list[str], nifti: list[Path], writer: CacheWriter,
              faults: _Faults) -> Path:
     """The work of `prepare_ct` after the cheap checks; every DataPrepError leaves through `_Namer`."""
+    if nifti:
+        from .dicom import DICOM_SUFFIXES, _is_part10
+
+        nifti_set = set(nifti)
+        dicom = [p for p in sorted(images_dir.rglob("*")) if p.is_file() and not p.name.startswith(".") and p not in nifti_set
+                 and (p.suffix.lower() in DICOM_SUFFIXES or _is_part10(p))]
+        if dicom:  # one input kind per folder: the DICOM files would otherwise be ignored without a word
+            raise DataPrepError(f"{images_dir}: holds both NIfTI volumes ({len(nifti)}) and DICOM files ({len(dicom)}, e.g. "
+                                f"{dicom[0]}); prepare them from separate folders, or convert the DICOM series to NIfTI "
+                                f"(dcm2niix) first.", str(images_dir))
     if nifti:
         tasks = _plan_nifti(images_dir, nifti, labels, options, salt, faults, labels_csv)
     else:

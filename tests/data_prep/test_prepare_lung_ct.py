@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,35 @@ def test_prepare_ct_resumes_after_interruption(cohort, tmp_path, monkeypatch, ca
     out = prepare_ct(cohort["images"], cohort["labels"], tmp_path / "out", PrepareOptions(**OPTS))
     assert "resuming: 1 of 2 shards already built" in capsys.readouterr().out
     assert len(open_cache(out)) == 16
+
+
+def test_prepare_ct_slice_cut_inside_its_header_is_named_not_dropped(cohort, tmp_path):
+    """pydicom reads a file cut inside its header without an error; the slice must not vanish silently."""
+    import pydicom
+
+    src = _copy(cohort, tmp_path)
+    folder = src["images"] / "case_003/study_1/series_2"
+    files = sorted(folder.glob("*.dcm"), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+    top = files[-1]  # the top slice: no gap would betray its absence
+    top.write_bytes(top.read_bytes()[:300])
+    from data_prep.dicom import index_dicom_tree
+
+    (info,) = [s for s in index_dicom_tree(folder, []) if s.is_image]
+    label = f"series {pseudonym(info.series_uid, SALT, 'S')} (patient {pseudonym(info.patient_id, SALT)})"
+    with pytest.raises(DataPrepError, match=rf"^input file \d+ of \d+ \(in the folder of {re.escape(label)}\): the DICOM header is "
+                                            rf"incomplete .* truncated or damaged"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "stop", PrepareOptions(**OPTS))
+    out = prepare_ct(src["images"], src["labels"], tmp_path / "skip", PrepareOptions(**OPTS, on_error="skip"))
+    q = pd.read_csv(out / "quarantine.csv", keep_default_na=False)
+    assert len(q) == 1 and q["file"][0].endswith(f"(in the folder of {label})") and top.name not in q["reason"][0]
+
+
+def test_prepare_ct_refuses_nifti_and_dicom_in_one_folder(cohort, tmp_path):
+    from data_prep.dicom import load_series
+
+    vol = load_series(cohort["images"] / "case_000")
+    sitk.WriteImage(sitk.GetImageFromArray(vol.array), str(tmp_path / "vol0.nii.gz"))
+    shutil.copytree(cohort["images"] / "case_001", tmp_path / "case_001")
+    pd.DataFrame([{"patient_id": "vol0", "label": "solid"}, {"patient_id": "x", "label": "part_solid"}]).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataPrepError, match=r"holds both NIfTI volumes \(1\) and DICOM files \(\d+, e\.g\. input file \d+ of \d+\)"):
+        prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS))
