@@ -234,3 +234,37 @@ def test_evaluate_missing_cache_names_the_folder(tmp_path, evaluated):
     save_checkpoint(run / BEST, state)
     with pytest.raises(DataPrepError, match="nowhere"):
         run_evaluate(str(run))
+
+
+def test_evaluate_read_only_run_folder_and_full_disk_are_handled(evaluated, tmp_path, monkeypatch, capsys):
+    """A shared, read-only model store: evaluation still runs (output elsewhere) and says T was not stored
+    beside the model; a full disk gives one line naming the file."""
+    import errno
+
+    import data_prep.io as dio
+    from pipeline.cli import main
+
+    run_dir = evaluated["run_dir"]
+    real = dio._create_temp
+
+    def read_only(path):
+        if path.parent == run_dir:
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real(path)
+
+    monkeypatch.setattr(dio, "_create_temp", read_only)
+    before = (run_dir / "calibration.json").read_text()
+    assert main(["evaluate", "--run", str(run_dir), "--out", str(tmp_path / "ev"), "--n-bootstrap", "100"]) == 0
+    assert (run_dir / "calibration.json").read_text() == before
+    assert "is read-only: the fitted temperature" in (tmp_path / "ev" / "report.html").read_text()
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dio, "_create_temp", full)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run_dir), "--out", str(tmp_path / "ev2"), "--n-bootstrap", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "error" in x.lower()]  # tqdm bars aside, one line
+    assert line.startswith("ecl evaluate: error: cannot write ") and "no space left on the device" in line
