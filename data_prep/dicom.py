@@ -4,6 +4,9 @@ Identifying tags stop here. `SeriesInfo` keeps PatientID and the instance UIDs i
 (to match label rows and to derive pseudonyms; they are excluded from its repr), and every
 message this module raises names files by the path the user gave and series by modality, series
 number, description and file count, never by a tag value that identifies a person or a visit.
+Since folder and file names can carry identifiers too, `prepare_ct` rewrites these messages to
+pseudonyms and positions before they leave (`prepare_lung_ct._Namer`); pydicom's validation
+warnings, which quote values, are silenced while reading (`quiet_pydicom`).
 
 Why slices are ordered by position along the slice normal, `dot(ImagePositionPatient,
 cross(row, col))`: file names are arbitrary and InstanceNumber is set by the scanner in whatever

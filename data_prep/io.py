@@ -2,7 +2,9 @@
 
 Why: a crash or Ctrl-C must never leave a half-written manifest, cache or checkpoint behind.
 Every output goes to a temporary file in the same folder and is moved into place with
-`os.replace`, which is atomic on POSIX and Windows. `pipeline` reuses these helpers.
+`os.replace`, which is atomic on POSIX and Windows. `pipeline` reuses these helpers. The file is
+created with the permissions the umask gives (as `open()` would), and the temporary files of a
+killed write (`.<name>.<host>-<pid>.<random>.ecl-tmp`) are deleted by the next write of the same file.
 """
 from __future__ import annotations
 
