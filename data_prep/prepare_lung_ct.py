@@ -220,7 +220,8 @@ class _Namer:
     def __init__(self, root: Path, files: list[Path]):
         self.root = root
         self._map: dict[str, str] = {}
-        self._keys: list[str] | None = None
+        self._resolved_root = root.resolve()
+        self._keys: list[int] | None = None  # the distinct key lengths, longest first
         self._position = {p: i for i, p in enumerate(files, start=1)}
         self._by_folder: dict[Path, list[Path]] = defaultdict(list)
         for p in files:
@@ -234,9 +235,9 @@ class _Namer:
         p = Path(path)
         keys = {str(p)}
         with contextlib.suppress(ValueError):
-            keys.add(p.relative_to(self.root).as_posix())
-        with contextlib.suppress(OSError, RuntimeError):
-            keys.add(str(p.resolve()))
+            rel = p.relative_to(self.root)
+            keys.add(rel.as_posix())
+            keys.add(str(self._resolved_root / rel))  # the absolute spelling, without a resolve() per file
         for k in keys:
             if k and k not in (".", str(self.root)):
                 self._map[k] = label
@@ -263,14 +264,29 @@ class _Namer:
             self.add_value(value)
 
     def __call__(self, text: str | None) -> str:
+        """`text` with every known spelling replaced, scanning left to right, longest match first.
+
+        Cost: one dict lookup per (position, distinct key length), so a message costs the same for
+        ten files as for a hundred thousand (a plain replace per key would not).
+        """
         if not text:
             return text or ""
         if self._keys is None:  # longest first: a file's path wins over its folder's
-            self._keys = sorted(self._map, key=len, reverse=True)
-        for k in self._keys:
-            if k in text:
-                text = text.replace(k, self._map[k])
-        return text
+            self._keys = sorted({len(k) for k in self._map}, reverse=True)  # type: ignore[assignment]
+        out: list[str] = []
+        i, n = 0, len(text)
+        while i < n:
+            for length in self._keys:  # type: ignore[union-attr]
+                if i + length <= n:
+                    label = self._map.get(text[i:i + length])  # type: ignore[call-overload]
+                    if label is not None:
+                        out.append(label)
+                        i += length
+                        break
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
 
     def error(self, err: DataPrepError) -> DataPrepError:
         """The same fault, its message and path rewritten."""
