@@ -39,14 +39,22 @@ def clean_stale_temps(path: str | os.PathLike, foreign_age_s: float = 24 * 3600)
 
     Why: a kill during a write leaves `.<name>.<host>-<pid>.<random>.ecl-tmp` behind (gigabytes for
     a cache's pixel file). A temp file is stale when its writer, named in it, is a process of this
-    host that no longer runs; one from another host (a shared volume) only after `foreign_age_s`.
+    host that no longer runs; one from another host (a shared volume), or one left by an earlier
+    version of this package (`.<name>.<random>.tmp`), only after `foreign_age_s`.
     """
     import glob
     import time
 
     path = Path(path)
     removed = 0
-    for tmp in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*{TEMP_SUFFIX}")):
+    folder, name = glob.escape(str(path.parent)), glob.escape(path.name)
+    # earlier versions used tempfile.mkstemp: `.<name>.<8 random characters>.tmp`, writer unknown, so by age only
+    for tmp in glob.glob(os.path.join(folder, f".{name}.{'[a-z0-9_]' * 8}.tmp")):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(tmp) > foreign_age_s:
+                os.unlink(tmp)
+                removed += 1
+    for tmp in glob.glob(os.path.join(folder, f".{name}.*{TEMP_SUFFIX}")):
         writer = os.path.basename(tmp)[len(path.name) + 2: -len(TEMP_SUFFIX)].split(".")[0]
         host, _, pid = writer.rpartition("-")
         try:

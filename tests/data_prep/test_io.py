@@ -72,6 +72,19 @@ def test_stale_temp_files_of_a_killed_write_are_removed_on_the_next_write(tmp_pa
     assert target.read_text() == "done"
 
 
+def test_temp_files_of_the_earlier_mkstemp_writer_are_removed_once_old(tmp_path):
+    import os
+    import time
+
+    old, fresh = tmp_path / ".cache.json.k3j_x9a2.tmp", tmp_path / ".cache.json.ab12cd34.tmp"
+    for p in (old, fresh):
+        p.write_bytes(b"x")
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (day_ago, day_ago))
+    atomic_write_text(tmp_path / "cache.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, "cache.json"])
+
+
 def os_getpid() -> int:
     import os
 
