@@ -113,15 +113,40 @@ def open_cache(path: str | Path) -> Cache:
         raise DataPrepError(f"Cache folder {path} does not exist. Run `ecl prepare ...` first.", str(path))
     if not meta_path.is_file():
         raise DataPrepError(f"{path} is not a prepared cache (no cache.json). Run `ecl prepare ...` with --out {path}.", str(path))
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    rebuild = "Re-run the `ecl prepare` command that built it to rebuild the cache."
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataPrepError(f"{meta_path} is damaged ({type(exc).__name__}: {exc}). {rebuild}", str(meta_path)) from None
     if not meta.get("complete"):
         raise DataPrepError(f"The cache in {path} is incomplete (its build was interrupted). Re-run the same `ecl prepare` command to resume it.", str(path))
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataPrepError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}. Re-run `ecl prepare` to rebuild the cache.", str(meta_path))
-    manifest = pd.read_csv(path / "manifest.csv", dtype={"image": str, "label": str, "split": str, "group": str}, keep_default_na=False, na_values=[""])
-    index = np.load(path / "index.npy")
+    for name in ("manifest.csv", "index.npy", "pixels.u8"):
+        if not (path / name).is_file():
+            raise DataPrepError(f"{path / name} is missing: the cache is damaged. {rebuild}", str(path / name))
+    try:
+        manifest = pd.read_csv(path / "manifest.csv", dtype={"image": str, "label": str, "split": str, "group": str}, keep_default_na=False, na_values=[""])
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataPrepError(f"{path / 'manifest.csv'} is damaged ({type(exc).__name__}). {rebuild}", str(path / "manifest.csv")) from None
+    lacking = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if lacking:
+        raise DataPrepError(f"{path / 'manifest.csv'} lacks columns {', '.join(lacking)}: the cache is damaged. {rebuild}", str(path / "manifest.csv"))
+    try:
+        index = np.load(path / "index.npy")  # allow_pickle stays False: an object array is refused, never run
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataPrepError(f"{path / 'index.npy'} is damaged or not a plain integer array ({exc}). {rebuild}", str(path / "index.npy")) from None
+    if index.ndim != 2 or index.shape[1] != 4 or not np.issubdtype(index.dtype, np.integer) or (index.size and index.min() < 0):
+        raise DataPrepError(f"{path / 'index.npy'} is not an [n, 4] array of non-negative integers (dtype {index.dtype}, shape "
+                            f"{index.shape}). {rebuild}", str(path / "index.npy"))
     if len(index) != len(manifest):
         raise DataPrepError(f"{path}: index.npy has {len(index)} rows but manifest.csv has {len(manifest)}. Re-run `ecl prepare` to rebuild the cache.", str(path))
+    need = int((index[:, 0] + index[:, 1] * index[:, 2] * index[:, 3]).max()) if len(index) else 0
+    have = (path / "pixels.u8").stat().st_size
+    if have < need:
+        raise DataPrepError(f"{path / 'pixels.u8'} is truncated ({have} bytes; the index needs {need}). {rebuild}", str(path / "pixels.u8"))
     return Cache(path=path, meta=meta, manifest=manifest, index=index)
 
 

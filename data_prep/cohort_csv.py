@@ -46,6 +46,19 @@ def is_archive_export(columns: Sequence[str]) -> bool:
     return _ARCHIVE_IMAGE in columns and _ARCHIVE_LABEL in columns
 
 
+#: label spellings that mean "no value" in spreadsheets and pandas exports; never a class
+MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-", "#n/a"})
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """True when `path` (symlinks resolved) lies inside `root`."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def _resolve(image_root: Path, name: str) -> Path | None:
     candidate = image_root / name
     if Path(name).suffix and candidate.is_file():
@@ -102,8 +115,11 @@ def read_cohort_csv(
     dup = images[images.duplicated(keep=False)]
     if len(dup):
         raise DataPrepError(f"{csv_path}: duplicated images in '{image_column}': {format_items(sorted(set(dup)))}. Each image must appear once.", str(csv_path))
-    if (labels == "").any():
-        raise DataPrepError(f"{csv_path}: empty '{label_column}' in rows {format_items(list(rows[labels == '']))}. Give every image a class.", str(csv_path))
+    missing_label = labels.str.lower().isin(MISSING_LABELS)
+    if missing_label.any():
+        items = [f"row {r}: {v!r}" for r, v in zip(rows[missing_label], labels[missing_label])]
+        raise DataPrepError(f"{csv_path}: empty or missing '{label_column}' ({format_items(items)}). Give every image a class "
+                            f"or remove its row; NA, nan and the like are not class names.", str(csv_path))
     if class_names is None:
         class_names = sorted(set(labels))
     else:
@@ -120,6 +136,12 @@ def read_cohort_csv(
     else:
         groups = [None] * len(df)
 
+    escaping = [f"row {r}: {name!r}" for r, name in zip(rows, images)
+                if not _inside(image_root, image_root / name)]
+    if escaping:
+        raise DataPrepError(f"{csv_path}: image path(s) outside --image-root {image_root} ({format_items(escaping)}). "
+                            f"Write paths relative to the image root, without '..', or pass the folder that holds them "
+                            f"as --image-root.", str(csv_path))
     paths: list[Path] = []
     missing: list[str] = []
     for name in images:

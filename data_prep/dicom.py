@@ -4,6 +4,9 @@ Identifying tags stop here. `SeriesInfo` keeps PatientID and the instance UIDs i
 (to match label rows and to derive pseudonyms; they are excluded from its repr), and every
 message this module raises names files by the path the user gave and series by modality, series
 number, description and file count, never by a tag value that identifies a person or a visit.
+Since folder and file names can carry identifiers too, `prepare_ct` rewrites these messages to
+pseudonyms and positions before they leave (`prepare_lung_ct._Namer`); pydicom's validation
+warnings, which quote values, are silenced while reading (`quiet_pydicom`).
 
 Why slices are ordered by position along the slice normal, `dot(ImagePositionPatient,
 cross(row, col))`: file names are arbitrary and InstanceNumber is set by the scanner in whatever
@@ -16,6 +19,9 @@ SimpleITK's `GetDirection()` reshaped to 3x3; `origin` is the world position of 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +184,32 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n else None
 
 
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Silence pydicom's value validation while reading.
+
+    Why: pydicom warns (on stderr and its logger) with the offending value itself, e.g.
+    "Invalid value for VR UI: '1.2.826.0.1.3680043.10.054321.1'" for a UID with a leading-zero
+    component, common in legacy exports; that would print a study or series UID. The values are
+    only read into memory and pseudonymised, so nothing is lost by not validating them.
+    """
+    import pydicom.config
+
+    settings = pydicom.config.settings
+    old_mode = settings.reading_validation_mode
+    logger = logging.getLogger("pydicom")
+    old_disabled = logger.disabled
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        settings.reading_validation_mode = old_mode
+        logger.disabled = old_disabled
+
+
 def _is_part10(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
@@ -204,8 +236,9 @@ def _read_header(path: Path) -> tuple[SliceHeader, dict[str, Any]] | None:
             )
         return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        info = {k: ds.get(k) for k in _HEADER_TAGS}
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            info = {k: ds.get(k) for k in _HEADER_TAGS}
         header = SliceHeader(
             path=path,
             position=_floats(info["ImagePositionPatient"], 3),  # type: ignore[arg-type]
@@ -217,6 +250,11 @@ def _read_header(path: Path) -> tuple[SliceHeader, dict[str, Any]] | None:
             thickness=float(info["SliceThickness"]) if info["SliceThickness"] not in (None, "") else None,
             spacing_between=float(info["SpacingBetweenSlices"]) if info["SpacingBetweenSlices"] not in (None, "") else None,
         )
+        if not info["SeriesInstanceUID"] or not info["SOPClassUID"]:
+            # every DICOM object has both (type 1); pydicom reads a file cut inside its header without
+            # an error, so without this check a cut slice would vanish silently or open a false gap
+            raise DataPrepError(f"{path}: the DICOM header is incomplete (no SeriesInstanceUID or SOPClassUID): the file is "
+                                f"truncated or damaged. Re-export it.", str(path))
     except DataPrepError:
         raise
     except Exception as exc:  # pydicom raises many types for a damaged header
@@ -375,7 +413,8 @@ def _decode(path: Path, name: str, shape: tuple[int, int]) -> np.ndarray:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path)
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path)
     except Exception as exc:
         raise DataPrepError(f"{path}: cannot be read as DICOM ({type(exc).__name__}: {exc}); the file is damaged or truncated. Re-export it.", str(path)) from exc
     if "PixelData" not in ds:
@@ -383,14 +422,16 @@ def _decode(path: Path, name: str, shape: tuple[int, int]) -> np.ndarray:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(ts, "name", str(ts))
     try:
-        arr = ds.pixel_array
+        with quiet_pydicom():
+            arr = ds.pixel_array
     except Exception as exc:
         raise DataPrepError(f"{path}: the pixel data cannot be decoded (transfer syntax {ts_name}; {type(exc).__name__}: {exc}). "
                             f"The file is truncated, or its compression needs a decoder that is not installed (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg).", str(path)) from exc
     if arr.shape != shape:
         raise DataPrepError(f"{path}: decoded image has shape {arr.shape}, expected {shape} from its header in {name}.", str(path))
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    with quiet_pydicom():
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return (arr.astype(np.float64) * slope + intercept).astype(np.float32)
 
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from .errors import DataPrepError
 
@@ -61,12 +61,26 @@ def shades_of_gray(img: np.ndarray, p: float = 6) -> np.ndarray:
     return out
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grey images scaled to 0..255, not clipped.
+
+    Why: PIL's convert("RGB") clips a 16-bit value above 255 to 255, so a 16-bit PNG (common for
+    exported scans) would come out almost white. Values are divided by 257 (65535 -> 255) as
+    libpng does when it strips 16 to 8 bits.
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return im
+
+
 def load_image_file(path: str | os.PathLike, short_side: int = 256, color_constancy: bool = False) -> np.ndarray:
     """Decode an image file to uint8 RGB [H, W, 3] whose shorter side is exactly `short_side`.
 
-    EXIF orientation and ICC profiles are ignored (ISIC images are stored upright; honouring
-    EXIF on some files only would make the cache depend on the camera software). Palette,
-    grey and RGBA images are converted to RGB.
+    EXIF orientation is honoured (a picture stored sideways with a rotation tag is turned upright,
+    in prepare and in predict alike, since both call this function); ICC profiles are ignored.
+    Palette, grey and RGBA images are converted to RGB; 16-bit grey images are scaled to 8 bits
+    (value / 257), not clipped.
 
     Args:
         path: image file (JPEG, PNG, ...).
@@ -88,7 +102,9 @@ def load_image_file(path: str | os.PathLike, short_side: int = 256, color_consta
                 # libjpeg picks the largest DCT reduction keeping the size >= the request
                 im.draft("RGB", (tw, th))
             im.load()
-            rgb = im.convert("RGB")
+            upright = ImageOps.exif_transpose(im)  # a phone photo stored sideways with an EXIF rotation
+            rgb = _to_8bit(upright).convert("RGB")
+            tw, th = target_size(*rgb.size, short_side)
     except FileNotFoundError:
         err = DataPrepError(f"Image file {path} does not exist. Check the image folder and the CSV's image column.", str(path))
         err.reason = "file does not exist"  # short form for quarantine.csv

@@ -83,6 +83,17 @@ def read_ground_truth(path: str | os.PathLike) -> GroundTruth:
     if not cols or cols[0] != "image":
         raise DataPrepError(f"{path}: the first column must be 'image', found {cols[:1] or 'no columns'}. Use the ISIC 2019 header image,MEL,NV,....", str(path))
     classes = cols[1:]
+    if not len(df):
+        raise DataPrepError(f"{path}: no data rows, only the header. Give one row per image (image,{','.join(classes[:3]) or 'MEL,NV'},...).", str(path))
+    looks_meta = [c for c in classes if c in ("age_approx", "anatom_site_general", "sex", "lesion_id")]
+    if looks_meta:
+        raise DataPrepError(f"{path}: this looks like the metadata CSV (columns {', '.join(looks_meta)}), not the one-hot ground truth. "
+                            f"Pass it as --metadata and the ISIC_2019_Training_GroundTruth.csv as --ground-truth.", str(path))
+    unnamed = [c for c in classes if str(c).startswith("Unnamed:") or not str(c).strip()]
+    if unnamed:
+        where = ", ".join(str(cols.index(c) + 1) for c in unnamed)
+        raise DataPrepError(f"{path}: column(s) {where} have no header (often a trailing comma left by Excel). Remove the empty "
+                            f"column(s) or the trailing commas.", str(path))
     if len(classes) < 2:
         raise DataPrepError(f"{path}: needs at least two class columns after 'image', found {classes}.", str(path))
     if len(set(classes)) != len(classes):
@@ -96,10 +107,17 @@ def read_ground_truth(path: str | os.PathLike) -> GroundTruth:
     if len(dup):
         raise DataPrepError(f"{path}: duplicated image IDs: {format_items(sorted(set(dup)))}. Each image must appear once.", str(path))
     values = df[classes].apply(lambda c: pd.to_numeric(c.str.strip(), errors="coerce"))
+    text_cols = [c for c in classes if values[c].isna().all()]
+    if text_cols:
+        raise DataPrepError(f"{path}: column(s) {format_items([repr(c) for c in text_cols])} hold no numbers (e.g. "
+                            f"{str(df[text_cols[0]].iloc[0])[:40]!r}); every column after 'image' must be a 0/1 class column. "
+                            f"Remove the column(s).", str(path))
     bad = values.isna().any(axis=1).to_numpy()
     if bad.any():
+        bad_cols = [c for c in classes if values[c].isna().any()]
         names = list(images[bad])
-        raise DataPrepError(f"{path}: empty or non-numeric class values for images {format_items(names)}. Write 1.0 or 0.0 in every class column.", str(path))
+        raise DataPrepError(f"{path}: empty or non-numeric values in column(s) {format_items([repr(c) for c in bad_cols])} "
+                            f"for images {format_items(names)}. Write 1.0 or 0.0 in every class column.", str(path))
     arr = values.to_numpy(dtype=float)
     not_binary = ~np.isin(arr, (0.0, 1.0)).all(axis=1)
     if not_binary.any():
@@ -112,9 +130,18 @@ def read_ground_truth(path: str | os.PathLike) -> GroundTruth:
     if (n_labels > 1).any():
         names = list(images[n_labels > 1])
         raise DataPrepError(f"{path}: rows with several labels for images {format_items(names)}. Give each image exactly one class.", str(path))
+    suffixed = images.str.lower().str.endswith((".jpg", ".jpeg", ".png"))
+    notices_ids: list[str] = []
+    if suffixed.any():
+        images = images.where(~suffixed, images.str.replace(r"\.(jpe?g|png)$", "", case=False, regex=True))
+        notices_ids.append(f"{int(suffixed.sum())} image id(s) in {path.name} end in a file suffix (e.g. {df['image'][suffixed].iloc[0].strip()!r}); "
+                           f"the suffix was dropped to match the files")
+        dup = images[images.duplicated(keep=False)]
+        if len(dup):
+            raise DataPrepError(f"{path}: duplicated image IDs once the file suffix is dropped: {format_items(sorted(set(dup)))}.", str(path))
     label_pos = arr.argmax(axis=1)
     counts = np.bincount(label_pos, minlength=len(classes))
-    notices = []
+    notices = notices_ids
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
         notices.append(f"class(es) {', '.join(empty)} in {path.name} have no images and are dropped")

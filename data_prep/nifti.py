@@ -12,6 +12,10 @@ Values are taken as HU as stored (scl_slope/scl_inter applied by the reader).
 """
 from __future__ import annotations
 
+import gzip
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ import numpy as np
 from .dicom import Volume
 from .errors import DataPrepError
 
-__all__ = ["load_nifti", "nifti_stem", "NIFTI_SUFFIXES"]
+__all__ = ["load_nifti", "nifti_stem", "nifti2_volume", "is_nifti2", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -33,6 +37,96 @@ def nifti_stem(path: str | Path) -> str:
     return Path(name).stem
 
 
+def _check_complete(path: Path) -> None:
+    """Refuse a NIfTI file shorter than its header promises.
+
+    Why: ITK reads a truncated file without an error (it warns on stderr, naming the file, and
+    fills the missing voxels with zeros), so a cut download would silently become a volume of
+    air. The header gives the data offset, the dimensions and the bits per voxel; the file (the
+    decompressed stream for .nii.gz) must hold at least that many bytes. A header this function
+    cannot parse is left to the reader's own error.
+    """
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(540)
+            have = len(head)
+            if gz:
+                while block := fh.read(1 << 20):
+                    have += len(block)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DataPrepError(f"{path}: the file is truncated or damaged ({type(exc).__name__}: {exc}). Re-export or re-copy it.",
+                            str(path)) from None
+    if not gz:
+        have = os.path.getsize(path)
+    for endian in ("<", ">"):
+        if len(head) >= 4 and struct.unpack(endian + "i", head[:4])[0] in (348, 540):
+            break
+    else:
+        return
+    try:
+        if struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        else:  # NIfTI-2
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+    except struct.error:
+        return
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return
+    n = int(np.prod([max(1, int(d)) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+    need = max(offset, 348) + n * bitpix // 8
+    if have < need:
+        raise DataPrepError(f"{path}: the file is truncated: its header promises {need} bytes of image data and header, "
+                            f"{'the decompressed file has' if gz else 'the file has'} {have}. Re-export or re-copy it.", str(path))
+
+
+def is_nifti2(path: str | Path) -> bool:
+    """True for a NIfTI-2 file (sizeof_hdr 540), plain or gzipped."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
+            head = fh.read(4)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return len(head) == 4 and 540 in (struct.unpack("<i", head)[0], struct.unpack(">i", head)[0])
+
+
+def nifti2_volume(path: str | Path, pixels: bool = True) -> Volume:
+    """A NIfTI-2 file read with nibabel (this SimpleITK build has no NIfTI-2 reader), in ITK's conventions.
+
+    nibabel's affine maps (i, j, k) to RAS+ mm; ITK's LPS origin and direction negate its first two
+    rows, spacing is the length of each column, and the array is transposed to [k, j, i].
+    With `pixels=False` the array is a zero-strided stand-in of the right shape (headers only).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(v) for v in img.shape)
+        if len(shape) != 3:
+            raise DataPrepError(f"{path}: expected a 3D single-channel volume, got shape {shape}.", str(path))
+        affine = np.asarray(img.affine, float)
+        arr = (np.asarray(img.get_fdata(dtype=np.float32)).transpose(2, 1, 0).copy() if pixels
+               else np.broadcast_to(np.float32(0), shape[::-1]))
+    except DataPrepError:
+        raise
+    except Exception as exc:  # nibabel raises many types for a damaged file
+        raise DataPrepError(f"{path}: cannot be read as NIfTI-2 ({type(exc).__name__}: {exc}). The file is damaged or "
+                            f"truncated; re-export it.", str(path)) from None
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :4]
+    spacing_ijk = np.linalg.norm(lps[:, :3], axis=0)
+    if np.any(spacing_ijk <= 0):
+        raise DataPrepError(f"{path}: the NIfTI-2 affine has a zero-length axis; the voxel grid is undefined.", str(path))
+    return Volume(array=arr, spacing=tuple(float(v) for v in spacing_ijk[::-1]),  # type: ignore[arg-type]
+                  origin=tuple(float(v) for v in lps[:, 3]),  # type: ignore[arg-type]
+                  direction=lps[:, :3] / spacing_ijk)
+
+
 def load_nifti(path: str | Path) -> Volume:
     """Read a 3D NIfTI file as a Volume (float32 [z, y, x], LPS origin/direction).
 
@@ -42,6 +136,10 @@ def load_nifti(path: str | Path) -> Volume:
     import SimpleITK as sitk
 
     path = Path(path)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's warnings quote the file path; faults raise here instead
+    _check_complete(path)
+    if is_nifti2(path):
+        return nifti2_volume(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -4,9 +4,12 @@ Order of work, cheapest first, so a typo costs a second and not an hour:
 
 1. Parse and check every CSV and that every listed image file exists (`isic.py`,
    `cohort_csv.py`); nothing is decoded yet.
-2. Split: grouped by lesion and stratified by class (`splits.make_split`), or the user's
-   split file (`manifest.read_split_file`). Unlabelled cohorts (the ISIC 2019 test release)
-   go entirely to split "test", the split `ecl predict` and `ecl evaluate` read by default.
+2. Split: the user's split file (`manifest.read_split_file`) is checked now. A generated split
+   (grouped by lesion, stratified by class, `splits.make_split`) is drawn after decoding, over
+   the images actually kept, so quarantined files cannot leave a class without training
+   images (`splits.check_trainable` refuses a cohort that still has one, or one class only).
+   Unlabelled cohorts (the ISIC 2019 test release) go entirely to split "test", the split
+   `ecl predict` and `ecl evaluate` read by default.
 3. Build key: SHA-256 over the cache format version, the PIL version, the *content* hashes of
    the CSVs (and split file), the (name, byte size) of every image file, the column names and
    `options.public_dict()` without `workers` (the process count never changes a pixel). Image
@@ -45,7 +48,7 @@ from .io import atomic_write_text, bytes_sha256, file_sha256
 from .isic import ISIC2019_CLASSES, METADATA_COLUMNS, list_image_files, match_images, read_ground_truth, read_metadata
 from .manifest import build_manifest, read_split_file, validate_manifest
 from .options import PrepareOptions
-from .splits import make_split
+from .splits import check_trainable, make_split
 
 __all__ = ["prepare_isic2019", "prepare_csv", "SHARD_SIZE"]
 
@@ -66,6 +69,7 @@ class _Plan:
     source: str
     key_parts: dict = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+    source_path: str | None = None  # the CSV that lists the images, for messages
 
 
 def _decode_shard(task: tuple[int, list[str], int, bool]) -> tuple[int, list[np.ndarray], list[tuple[int, str, str, str]]]:
@@ -121,7 +125,13 @@ def _build_key(plan: _Plan, options: PrepareOptions) -> str:
 
 def _build(plan: _Plan, out_dir: Path, options: PrepareOptions) -> Path:
     """Steps 2-5 of the module docstring for a checked plan."""
-    splits = _splits_for(plan, options)
+    known = [v for v in plan.labels if v is not None]
+    if known and len(set(known)) < 2:
+        raise DataPrepError(f"{plan.source_path or plan.source}: every image has the class {known[0]!r}; a classifier needs at "
+                            f"least two classes. Check the label column.", plan.source_path)
+    # a split file (or the unlabelled all-test split) is fixed now; a generated split is drawn after decoding,
+    # over the images actually kept, so that quarantined files cannot leave a class without training images
+    fixed_splits = _splits_for(plan, options) if options.split_file or all(v is None for v in plan.labels) else None
     key = _build_key(plan, options)
     writer = CacheWriter(out_dir, key)
     if writer.is_complete():
@@ -163,12 +173,29 @@ def _build(plan: _Plan, out_dir: Path, options: PrepareOptions) -> Path:
     elif quarantine_csv.is_file():
         quarantine_csv.unlink()
 
+    if fixed_splits is not None:
+        splits = fixed_splits
+    else:
+        kept = np.flatnonzero(keep)
+        drawn, split_notices = make_split([str(plan.labels[i]) for i in kept], [plan.groups[i] for i in kept],
+                                          options.fractions, options.split_seed)
+        splits = np.full(n, "test", dtype=object)
+        splits[kept] = drawn
+        for notice in split_notices:
+            print(f"notice: {notice}")
+        plan.notices.extend(split_notices)
     manifest = build_manifest(plan.images, plan.labels, list(splits), plan.groups, plan.metadata)
     manifest = manifest[keep].reset_index(drop=True)
     if manifest.empty:
+        if not quarantined:
+            raise DataPrepError(f"{plan.source_path or plan.source}: no images to prepare. Check the CSV and --images/--image-root.",
+                                plan.source_path)
         raise DataPrepError(f"No readable image is left after quarantining {len(quarantined)} file(s); see "
                             f"{quarantine_csv}. Check --images/--image-root and the files listed there.", str(quarantine_csv))
     validate_manifest(manifest, plan.class_names)
+    if not all(v is None for v in plan.labels):
+        check_trainable(list(manifest["label"]), list(manifest["split"]), plan.source_path or plan.source, len(quarantined),
+                        generated=not options.split_file)
     meta = {
         "kind": "dermoscopy",
         "source": plan.source,
@@ -256,7 +283,8 @@ def prepare_isic2019(
     notices.extend(match_notices)
     metadata, groups = _metadata_frame(images, meta, str(metadata_csv), notices)
     plan = _Plan(images=images, paths=paths, labels=labels, groups=groups, metadata=metadata, class_names=class_names,
-                 source="isic2019", key_parts=key_parts, notices=notices)
+                 source="isic2019", key_parts=key_parts, notices=notices,
+                 source_path=str(ground_truth_csv) if ground_truth_csv is not None else None)
     return _build(plan, Path(out_dir), options)
 
 
@@ -285,6 +313,6 @@ def prepare_csv(
         images=cohort.images, paths=cohort.paths, labels=list(cohort.labels), groups=cohort.groups, metadata=metadata,
         class_names=cohort.class_names, source="csv",
         key_parts={"manifest": file_sha256(manifest_csv), "columns": f"{image_column},{label_column},{group_column}"},
-        notices=list(cohort.notices),
+        notices=list(cohort.notices), source_path=str(manifest_csv),
     )
     return _build(plan, Path(out_dir), options)

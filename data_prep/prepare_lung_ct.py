@@ -10,8 +10,11 @@ Order of work, cheapest first:
    PatientID, StudyInstanceUID or SeriesInstanceUID, `options.label_key`), their geometry is
    checked (`dicom.check_geometry`) and every lesion centre is checked to lie inside its volume.
    For NIfTI input the label key is the file stem (`nifti.nifti_stem`).
-3. Split: grouped by patient pseudonym and stratified by class (`splits.make_split`), or the
-   user's split file (`manifest.read_split_file`: image,split over the image names below).
+3. The user's split file, if any, is checked (`manifest.read_split_file`: image,split over the
+   image names below). A generated split (grouped by patient pseudonym, stratified by class,
+   `splits.make_split`) is drawn after step 4 over the images actually kept, so quarantined
+   series cannot leave a class without training images; `splits.check_trainable` refuses a
+   cohort that still has one (or only one class).
 4. Pixels, in shards of SHARD_SERIES series over `options.n_workers` processes with a progress
    bar: decode, resample to `spacing_mm`, crop `crop_mm` cubes around each lesion (or sample
    lung slices where the row has no centre), turn planes into uint8 [S, S, 3] (`ct.planes_2d`).
@@ -30,13 +33,19 @@ centre samples `slices_per_lesion` axial slices inside the lungs instead.
 Class names are ordered by frequency in the labels CSV (most frequent first, ties in order of
 first appearance): the head class first, as long-tailed tables are usually written.
 
-Privacy: no tag value that identifies a person, visit or instance is written or printed. Messages
-and quarantine.csv name series by pseudonym and files by their path *as the user gave it*
-relative to images_dir; if folder or file names themselves carry identifiers, rename them
-before preparing (the generator's names never do). The salt is never written.
+Privacy: no tag value that identifies a person, visit or instance is written or printed, and
+neither are the names of the input folders and files (PACS exports are often named like
+`LAST^FIRST_MRN/CT THORAX/IM_MRN_0003.dcm`). Messages and quarantine.csv name series and slices
+by pseudonym and position ("series S-..., patient P-..., slice 12 of 40", slices counted in
+position order along the slice normal) and a file whose series is unknown by its position in
+the sorted input listing ("input file 17 of 530": the 17th of `sorted(images_dir.rglob('*'))`,
+hidden files left out). `_Namer` rewrites every message on its way out, so third-party texts
+(pydicom, SimpleITK) that quote a path are covered too; pydicom's value warnings are silenced
+(`dicom.quiet_pydicom`) and ITK's warning output is off. The salt is never written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -58,9 +67,9 @@ from .dicom import SeriesInfo, Volume, check_geometry, index_dicom_tree, read_se
 from .errors import DataPrepError
 from .io import atomic_write_text, bytes_sha256, file_sha256, read_user_csv
 from .manifest import read_split_file
-from .nifti import NIFTI_SUFFIXES, load_nifti, nifti_stem
+from .nifti import NIFTI_SUFFIXES, is_nifti2, load_nifti, nifti2_volume, nifti_stem
 from .options import PrepareOptions
-from .splits import make_split
+from .splits import check_trainable, make_split
 
 __all__ = ["prepare_ct", "SHARD_SERIES", "LABEL_KEYS"]
 
@@ -158,6 +167,9 @@ def _read_labels(path: Path, key_col: str) -> tuple[dict[str, list[_Lesion]], li
             raise DataPrepError(f"{path}: rows {', '.join(str(les.row) for les in lesions)} share one {key_col} but some have no "
                                 f"lesion centre; several rows per key are several lesions and each needs its centre.", str(path))
     labels = [str(v).strip() for v in df["label"]]
+    if len(set(labels)) < 2:
+        raise DataPrepError(f"{path}: every row has the label {labels[0]!r}; a classifier needs at least two classes. "
+                            f"Check the label column.", str(path))
     first = {c: i for i, c in reversed(list(enumerate(labels)))}
     counts = Counter(labels)
     class_names = sorted(counts, key=lambda c: (-counts[c], first[c]))
@@ -186,6 +198,102 @@ def _build_key(images_dir: Path, files: list[Path], labels_csv: Path, options: P
     return bytes_sha256(json.dumps(payload, sort_keys=True, default=str))
 
 
+def _position_order(info: SeriesInfo) -> list[int]:
+    """Slice indices in position order along the slice normal (file order when geometry is missing)."""
+    sl = info.slices
+    if not sl or any(s.position is None or s.orientation is None for s in sl):
+        return list(range(len(sl)))
+    o = np.asarray(sl[0].orientation, float)
+    normal = np.cross(o[:3], o[3:])
+    along = np.array([s.position for s in sl], float) @ normal
+    return [int(v) for v in np.argsort(along, kind="stable")]
+
+
+class _Namer:
+    """Rewrites messages so that input paths and raw identifiers become pseudonyms and positions.
+
+    Why: folder and file names of PACS exports carry names and record numbers, and third-party
+    error texts quote them; replacing every known spelling of every input path (as found, relative
+    to images_dir, resolved) on the way out covers messages this package did not write itself.
+    """
+
+    def __init__(self, root: Path, files: list[Path]):
+        self.root = root
+        self._map: dict[str, str] = {}
+        self._resolved_root = root.resolve()
+        self._keys: list[int] | None = None  # the distinct key lengths, longest first
+        self._position = {p: i for i, p in enumerate(files, start=1)}
+        self._by_folder: dict[Path, list[Path]] = defaultdict(list)
+        for p in files:
+            self._by_folder[p.parent].append(p)
+        n = len(files)
+        for i, p in enumerate(files, start=1):
+            self.add(p, f"input file {i} of {n}")
+
+    def add(self, path: str | Path, label: str) -> None:
+        """Name `path` (a file or folder under root) `label` in every message from now on."""
+        p = Path(path)
+        keys = {str(p)}
+        with contextlib.suppress(ValueError):
+            rel = p.relative_to(self.root)
+            keys.add(rel.as_posix())
+            keys.add(str(self._resolved_root / rel))  # the absolute spelling, without a resolve() per file
+        for k in keys:
+            if k and k not in (".", str(self.root)):
+                self._map[k] = label
+        self._keys = None
+
+    def add_value(self, value: str) -> None:
+        """A raw identifier (PatientID, a UID) that must never be printed."""
+        value = str(value).strip()
+        if len(value) >= 4:
+            self._map[value] = "<identifier withheld>"
+            self._keys = None
+
+    def add_series(self, info: SeriesInfo, label: str) -> None:
+        """Name the slices of a series by position ("<label>, slice k of n") and its folder by `label`."""
+        order = _position_order(info)
+        for k, idx in enumerate(order, start=1):
+            self.add(info.slices[idx].path, f"{label}, slice {k} of {len(order)}")
+        self.add(info.folder, f"the folder of {label}")
+        own = {s.path for s in info.slices}
+        for p in self._by_folder.get(info.folder, []):  # e.g. a slice whose header is too damaged to read
+            if p not in own:
+                self.add(p, f"input file {self._position[p]} of {len(self._position)} (in the folder of {label})")
+        for value in (info.patient_id, info.study_uid, info.series_uid):
+            self.add_value(value)
+
+    def __call__(self, text: str | None) -> str:
+        """`text` with every known spelling replaced, scanning left to right, longest match first.
+
+        Cost: one dict lookup per (position, distinct key length), so a message costs the same for
+        ten files as for a hundred thousand (a plain replace per key would not).
+        """
+        if not text:
+            return text or ""
+        if self._keys is None:  # longest first: a file's path wins over its folder's
+            self._keys = sorted({len(k) for k in self._map}, reverse=True)  # type: ignore[assignment]
+        out: list[str] = []
+        i, n = 0, len(text)
+        while i < n:
+            for length in self._keys:  # type: ignore[union-attr]
+                if i + length <= n:
+                    label = self._map.get(text[i:i + length])  # type: ignore[call-overload]
+                    if label is not None:
+                        out.append(label)
+                        i += length
+                        break
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+    def error(self, err: DataPrepError) -> DataPrepError:
+        """The same fault, its message and path rewritten."""
+        out = DataPrepError(self(str(err)), self(err.path) if err.path else None)
+        return out
+
+
 def _rel(path: str | Path | None, root: Path) -> str:
     if path is None:
         return ""
@@ -199,21 +307,25 @@ def _rel(path: str | Path | None, root: Path) -> str:
 class _Faults:
     """Stop at the first fault, or collect it for quarantine.csv (on_error='skip')."""
 
-    def __init__(self, on_error: str, root: Path):
+    def __init__(self, on_error: str, root: Path, namer: _Namer):
         self.skip = on_error == "skip"
         self.root = root
+        self.namer = namer
         self.rows: list[dict[str, str]] = []
 
     def __call__(self, err: DataPrepError, series: str = "") -> None:
+        err = self.namer.error(err)
         if not self.skip:
             raise err
-        self.rows.append({"file": _rel(err.path, self.root), "series": series, "reason": str(err)})
+        self.rows.append({"file": err.path or "", "series": series, "reason": str(err)})
 
 
 def _plan_dicom(images_dir: Path, labels: dict[str, list[_Lesion]], options: PrepareOptions, salt: str,
                 faults: _Faults, labels_csv: Path) -> list[_Task]:
     problems: list[DataPrepError] = []
     series = index_dicom_tree(images_dir, problems)
+    for s in series:  # name every series first, so that every later message can use it
+        faults.namer.add_series(s, f"series {pseudonym(s.series_uid, salt, 'S')} (patient {pseudonym(s.patient_id, salt, 'P')})")
     for err in problems:
         faults(err)
     images = [s for s in series if s.is_image and not s.is_localizer]
@@ -232,8 +344,8 @@ def _plan_dicom(images_dir: Path, labels: dict[str, list[_Lesion]], options: Pre
         for s in members:
             patient = pseudonym(s.patient_id, salt, "P")
             sname = pseudonym(s.series_uid, salt, "S")
-            folder = _rel(s.folder, images_dir)
-            name = f"series {sname} (patient {patient}, folder {folder})"
+            folder = str(s.folder)
+            name = f"series {sname} (patient {patient})"
             if len(members) > 1:
                 faults(DataPrepError(f"{name}: {len(members)} CT series share this {key_col} ({pseudonym(key, salt, 'K')}); "
                                      f"label by series (prepare.label_key=series, column series_uid) or remove the extra series.", folder), sname)
@@ -264,8 +376,10 @@ def _plan_nifti(images_dir: Path, nifti: list[Path], labels: dict[str, list[_Les
     for stem, p in stems.items():
         patient = pseudonym(stem, salt, "P")
         sname = pseudonym(stem, salt, "S")
-        rel = _rel(p, images_dir)
-        name = f"volume {sname} (patient {patient}, file {rel})"
+        rel = str(p)
+        name = f"volume {sname} (patient {patient})"
+        faults.namer.add(p, name)
+        faults.namer.add_value(stem)
         if stem not in labels:
             faults(DataPrepError(f"{name}: no row of {labels_csv} has its file stem in {key_col}; add a row or remove the file.", str(p)), sname)
             continue
@@ -282,6 +396,9 @@ def _grid_volume(task: _Task) -> Volume:
         return check_geometry(task.info, task.name).as_volume_grid()  # type: ignore[arg-type]
     import SimpleITK as sitk
 
+    if is_nifti2(task.nifti):  # type: ignore[arg-type]
+        return nifti2_volume(task.nifti, pixels=False)  # type: ignore[arg-type]
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings quote the file path
     reader = sitk.ImageFileReader()
     reader.SetFileName(task.nifti)
     try:
@@ -385,7 +502,28 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
         print(f"cache up to date: {out_dir}")
         return out_dir
 
-    faults = _Faults(options.on_error, images_dir)
+    namer = _Namer(images_dir, files)
+    faults = _Faults(options.on_error, images_dir, namer)
+    try:
+        return _prepare(images_dir, labels_csv, out_dir, options, salt, labels, class_names, nifti, writer, faults)
+    except DataPrepError as err:
+        raise namer.error(err) from None
+
+
+def _prepare(images_dir: Path, labels_csv: Path, out_dir: Path, options: PrepareOptions, salt: str,
+             labels: dict[str, list[_Lesion]], class_names: list[str], nifti: list[Path], writer: CacheWriter,
+             faults: _Faults) -> Path:
+    """The work of `prepare_ct` after the cheap checks; every DataPrepError leaves through `_Namer`."""
+    if nifti:
+        from .dicom import DICOM_SUFFIXES, _is_part10
+
+        nifti_set = set(nifti)
+        dicom = [p for p in sorted(images_dir.rglob("*")) if p.is_file() and not p.name.startswith(".") and p not in nifti_set
+                 and (p.suffix.lower() in DICOM_SUFFIXES or _is_part10(p))]
+        if dicom:  # one input kind per folder: the DICOM files would otherwise be ignored without a word
+            raise DataPrepError(f"{images_dir}: holds both NIfTI volumes ({len(nifti)}) and DICOM files ({len(dicom)}, e.g. "
+                                f"{dicom[0]}); prepare them from separate folders, or convert the DICOM series to NIfTI "
+                                f"(dcm2niix) first.", str(images_dir))
     if nifti:
         tasks = _plan_nifti(images_dir, nifti, labels, options, salt, faults, labels_csv)
     else:
@@ -418,16 +556,11 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
                 t.images.append((f"{t.patient}_l{les.lesion}_s{s}", les.label, les.lesion, s))
 
     names = [img for t in good for img, *_ in t.images]
-    img_labels = [lab for t in good for _, lab, _, _ in t.images]
     groups = [t.patient for t in good for _ in t.images]
     notices: list[str] = []
-    if options.split_file:
-        splits = read_split_file(options.split_file, names, groups)
-        notices.append("splits read from the split file")
-    else:
-        splits, split_notices = make_split(img_labels, groups, options.fractions, options.split_seed)
-        notices.extend(split_notices)
-    split_of = dict(zip(names, splits))
+    # a split file is checked now (a typo costs a second); a generated split is drawn after decoding, over
+    # the images actually kept, so that a quarantined series cannot leave a class without training images
+    file_split = dict(zip(names, read_split_file(options.split_file, names, groups))) if options.split_file else None
 
     writer.start()
     n_shards = (len(good) + SHARD_SERIES - 1) // SHARD_SERIES
@@ -455,6 +588,17 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
     if not stored:
         raise DataPrepError(f"{images_dir}: every series failed; see {out_dir / 'quarantine.csv'}.", str(images_dir))
     info = {img: (lab, les, s, t.patient, t.series) for t in good for img, lab, les, s in t.images}
+    if file_split is not None:
+        split_of = file_split
+        notices.append("splits read from the split file")
+    else:
+        kept_splits, split_notices = make_split([info[i][0] for i in stored], [info[i][3] for i in stored],
+                                                options.fractions, options.split_seed)
+        split_of = dict(zip(stored, kept_splits))
+        notices.extend(split_notices)
+    lost = [c for c in class_names if c not in {info[i][0] for i in stored}]
+    if lost:
+        notices.append(f"class(es) {', '.join(lost)} lost every series to quarantine and are left out")
     manifest = pd.DataFrame({
         "image": stored,
         "label": [info[i][0] for i in stored],
@@ -474,6 +618,7 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
         quarantine_csv.unlink()
     for notice in notices:
         print(f"notice: {notice}")
+    check_trainable(list(manifest["label"]), list(manifest["split"]), str(labels_csv), len(faults.rows), generated=file_split is None)
     present = set(manifest["label"])
     meta = {"kind": "ct", "class_names": [c for c in class_names if c in present], "options": options.public_dict(), "notices": notices}
     writer.finalize(manifest, n_shards, meta)
@@ -489,6 +634,7 @@ def _rows_path(writer: CacheWriter, k: int) -> Path:
 
 def _store(results, writer: CacheWriter, faults: _Faults, bar) -> None:
     for k, images, names, failures in results:
+        failures = [{"file": faults.namer(f["file"]), "series": f["series"], "reason": faults.namer(f["reason"])} for f in failures]
         for f in failures:
             faults(DataPrepError(f["reason"], f["file"]), f["series"])
         # the row list goes first: a shard on disk always has its rows beside it

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["make_split", "SPLIT_NAMES"]
+__all__ = ["make_split", "SPLIT_NAMES", "check_trainable"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -97,3 +97,37 @@ def make_split(
     for g, idx in members.items():
         out[idx] = SPLIT_NAMES[assignment[g]]
     return out.astype(str), notices
+
+
+def check_trainable(labels: Sequence[str], splits: Sequence[str], where: str, quarantined: int = 0,
+                    generated: bool = True) -> None:
+    """Refuse a labelled cohort that training cannot use: one class only, or a class without any train image.
+
+    Why here: both faults are otherwise found an hour later (a one-class softmax, a class the
+    model never sees), or never, when `--on-error skip` quietly drops a class's last train images.
+
+    Args:
+        labels: class per kept image.
+        splits: split per kept image.
+        where: what to name in the message (the CSV or input folder).
+        quarantined: files left out by `on_error='skip'` (the message then points at them).
+        generated: the split was drawn by `make_split`; a user's split file is taken as meant and
+            only the one-class check applies.
+
+    Raises:
+        DataPrepError: naming the classes and what to do.
+    """
+    from .errors import DataPrepError
+
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise DataPrepError(f"{where}: every image has the same class ({', '.join(map(repr, classes)) or 'none'}); "
+                            f"a classifier needs at least two classes. Check the label column.", where)
+    if not generated or "train" not in set(splits):
+        return
+    in_train = {lab for lab, s in zip(labels, splits) if s == "train"}
+    orphans = [c for c in classes if c not in in_train]
+    if orphans:
+        why = f" after {quarantined} file(s) were quarantined (see quarantine.csv)" if quarantined else ""
+        raise DataPrepError(f"{where}: class(es) {', '.join(map(repr, orphans))} have no training image{why}. "
+                            f"Repair or add images of these classes, or give a split file that puts some in train.", where)

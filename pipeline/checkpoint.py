@@ -20,17 +20,19 @@ from typing import Any
 
 import torch
 
-from data_prep import atomic_open
+from data_prep import atomic_open, atomic_write_bytes
 
 from .errors import PipelineError
 
 __all__ = [
     "TrainedModel", "save_checkpoint", "load_checkpoint", "load_trained_model", "set_temperature",
-    "resolve_checkpoint", "BEST", "LAST",
+    "resolve_checkpoint", "write_calibration", "read_calibration", "BEST", "LAST", "CALIBRATION",
 ]
 
 BEST = "checkpoint-best.pt"
 LAST = "checkpoint-last.pt"
+#: the fitted temperature, beside checkpoint-best.pt and logged as the run's artifact calibration/calibration.json
+CALIBRATION = "calibration.json"
 _RUN_ID = re.compile(r"^(runs:/)?([0-9a-f]{32})(/.*)?$")
 
 
@@ -46,12 +48,91 @@ class TrainedModel:
     run_id: str | None
     run_dir: Path | None
     checkpoint_path: Path
+    preprocessing: dict[str, Any] | None = None  # kind, short_side, color_constancy of the training cache
+
+
+def _cache_preprocessing(config: Any) -> dict[str, Any] | None:
+    """How the training cache turned files into pixels (its kind and options), read from its cache.json.
+
+    Why in the checkpoint: `ecl predict` must decode new images exactly like the cache did, and
+    on another machine the cache is not there to ask (a CT model would otherwise be fed images
+    resized like dermoscopy).
+    """
+    import json
+
+    cache = (config or {}).get("data", {}).get("cache") if isinstance(config, dict) else None
+    if not cache:
+        return None
+    try:
+        meta = json.loads((Path(cache) / "cache.json").read_text(encoding="utf-8"))
+        options = meta.get("options", {}) or {}
+        kind = str(meta.get("kind", "dermoscopy"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    # an option the cache does not record stays None: predict then takes it from the run's prepare config
+    if kind == "ct":
+        size = options.get("ct_image_size")
+        return {"kind": "ct", "short_side": int(size) if size else None, "color_constancy": False,
+                "channels": options.get("channels")}
+    size = options.get("short_side")
+    return {"kind": kind, "short_side": int(size) if size else None,
+            "color_constancy": bool(options.get("color_constancy", False))}
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` with torch.save into a temporary sibling, then rename it onto `path`."""
+    """Write `state` with torch.save into a temporary sibling, then rename it onto `path`.
+
+    The training cache's preprocessing (`_cache_preprocessing`) is added when the state lacks it.
+    """
+    if "preprocessing" not in state:
+        pre = _cache_preprocessing(state.get("config"))
+        if pre is not None:
+            state = {**state, "preprocessing": pre}
     with atomic_open(path, "wb") as fh:
         torch.save(state, fh)
+
+
+def write_calibration(folder: str | Path, temperature: float, fitted_on: str = "") -> Path:
+    """Store a fitted temperature as `<folder>/calibration.json` (atomically); returns its path.
+
+    Why not in the checkpoint: evaluation must never rewrite a trained checkpoint (a shared,
+    read-only model store; `train --resume` would see a changed file and log the model again),
+    and a small JSON file travels as an MLflow artifact to wherever the model is used.
+
+    Raises:
+        PipelineError: the temperature is not a positive finite number.
+    """
+    import json
+
+    from data_prep import atomic_write_text
+
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise PipelineError(f"temperature must be a positive finite number; got {temperature!r}")
+    path = Path(folder) / CALIBRATION
+    atomic_write_text(path, json.dumps({"temperature": t, "fitted_on": fitted_on}, indent=2) + "\n")
+    return path
+
+
+def read_calibration(folder: str | Path) -> float | None:
+    """The temperature in `<folder>/calibration.json`, or None when there is none.
+
+    Raises:
+        PipelineError: the file exists but is damaged (it would otherwise silently mean T = 1).
+    """
+    import json
+
+    path = Path(folder) / CALIBRATION
+    if not path.is_file():
+        return None
+    try:
+        t = float(json.loads(path.read_text(encoding="utf-8"))["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path} is damaged ({type(exc).__name__}); re-run `ecl evaluate` on the run to fit "
+                            f"the temperature again, or delete the file to predict uncalibrated (T = 1)") from None
+    if not math.isfinite(t) or t <= 0:
+        raise PipelineError(f"{path}: temperature {t} is not a positive finite number; re-run `ecl evaluate`")
+    return t
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -104,8 +185,10 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tupl
     if path.is_dir():
         best = path / BEST
         if not best.is_file():
-            raise PipelineError(f"run folder {path} has no {BEST}: the run has not finished an epoch yet; "
-                                f"resume it with `ecl train --resume {path}`")
+            if (path / LAST).is_file():
+                raise PipelineError(f"run folder {path} has no {BEST} yet; resume the run with `ecl train --resume {path}`")
+            raise PipelineError(f"run folder {path} has no checkpoint: the run stopped before its first epoch ended. "
+                                f"Delete the folder and train again")
         return best, None
     from . import tracking
 
@@ -124,6 +207,8 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tupl
     uri = _tracking_uri_for_lookup(tracking_uri)
     try:
         run = tracking.get_run(uri, run_id)
+    except PipelineError:
+        raise
     except Exception as exc:  # noqa: BLE001 - mlflow raises its own types for a missing run
         raise PipelineError(f"MLflow run {run_id} was not found in {uri} ({type(exc).__name__})") from None
     run_dir = run.data.tags.get("ecl.run_dir")
@@ -135,6 +220,15 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tupl
     except Exception as exc:  # noqa: BLE001
         raise PipelineError(f"MLflow run {run_id}: run folder {run_dir!r} is absent here and the artifact "
                             f"checkpoints/{BEST} could not be downloaded ({type(exc).__name__})") from None
+    # the fitted temperature travels as its own artifact; absent until the run is evaluated
+    stale = Path(got).parent / CALIBRATION
+    if stale.is_file():
+        stale.unlink()
+    try:
+        cal = tracking.download_artifacts(uri, run_id, f"calibration/{CALIBRATION}", dst / "calibration")
+        atomic_write_bytes(Path(got).parent / CALIBRATION, Path(cal).read_bytes())
+    except Exception:  # noqa: BLE001 - not evaluated yet: T = 1, as for a local run without calibration.json
+        pass
     return Path(got), run_id
 
 
@@ -160,12 +254,15 @@ def load_trained_model(ref: str | Path, device: str | torch.device = "cpu", trac
         raise PipelineError(f"{path}: the weights do not fit model.backbone={cfg.model.backbone!r} ({exc})") from None
     network.to(device).eval()
     run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
+    # calibration.json beside the checkpoint (written by `ecl evaluate`); older runs kept T in the checkpoint
+    temperature = read_calibration(path.parent)
     return TrainedModel(
         network=network,
         config=cfg,
         class_names=class_names,
         class_counts=[int(c) for c in state.get("class_counts", [])],
-        temperature=float(state.get("temperature", 1.0)),
+        temperature=float(temperature if temperature is not None else state.get("temperature", 1.0)),
+        preprocessing=state.get("preprocessing"),
         run_id=run_id or state.get("mlflow_run_id"),
         run_dir=run_dir,
         checkpoint_path=path,

@@ -1,17 +1,19 @@
 """The `ecl` command: argument parsing and dispatch only.
 
 Heavy imports (torch, timm, mlflow) are deferred into each subcommand so `ecl --help` is instant.
-User mistakes (DataPrepError, ConfigError, PipelineError, a missing input path) print one line on
-stderr and exit with status 2; anything else is a bug and keeps its traceback.
+User mistakes (DataPrepError, ConfigError, PipelineError, a missing input path) and faults of the
+machine (a full disk, no write permission, an unwritable MLflow store: `environment_fault`) print
+one line on stderr and exit with status 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "environment_fault"]
 
 _EPILOG = "Configs: YAML under configs/; override any key with --set section.key=value (repeatable)."
 
@@ -138,6 +140,58 @@ def _cmd_geometry(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- faults of the environment
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def environment_fault(exc: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of the code: a full disk, a folder or
+    file without write permission, an MLflow sqlite store that cannot be opened or written.
+
+    Why: these reach us wrapped (sqlalchemy inside MLflow, torch.save inside atomic_open) and
+    would print a page of traceback for what the user fixes in a second. The chain of causes is
+    searched, so a wrapped OSError is found. Atomic writes mean nothing finished is lost.
+
+    Returns:
+        The message, or None when `exc` is not such a fault (a bug keeps its traceback).
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        where = f" {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return (f"cannot write{where}: no space left on the device. Free some space (or choose another folder) "
+                    f"and re-run: completed work is kept and the command resumes.")
+        if isinstance(e, OSError) and e.errno in _DENIED:
+            return (f"cannot write{where}: {e.strerror or 'permission denied'}. Choose a folder you can write to "
+                    f"(--out, train.output_dir, tracking.uri) or ask for write access.")
+        text = str(e).lower()
+        if "database or disk is full" in text:
+            return "the MLflow store cannot be written: the disk is full. Free some space and re-run."
+        if "unable to open database file" in text or "readonly database" in text:
+            return ("the MLflow sqlite store cannot be opened for writing (folder missing or read-only). Set tracking.uri "
+                    "(or MLFLOW_TRACKING_URI) to sqlite:////a/writable/folder/mlflow.db.")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """--out names a folder for every command but predict (a CSV file): refuse the other kind."""
+    from .errors import PipelineError
+
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    out = Path(out)
+    if args.command == "predict":
+        if out.is_dir():
+            raise PipelineError(f"--out {out} is a folder; give the CSV file to write, e.g. {out / 'predictions.csv'}")
+    elif out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is an existing file; give a folder (it is created if absent)")
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -257,9 +311,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        _check_out(args)
         return int(args.func(args) or 0)
     except (DataPrepError, ConfigError, PipelineError) as exc:
         print(f"ecl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - only faults of the machine are turned into one line
+        message = environment_fault(exc)
+        if message is None:
+            raise
+        print(f"ecl {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ecl {args.command}: interrupted; completed work is kept and the command can be re-run to resume.",

@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 
+REDACTED = "<redacted>"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -177,9 +180,25 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+_SECRET_KEYS = {"prepare.salt"}
+
+
+def redact_overrides(overrides: list[str]) -> list[str]:
+    """`--set` arguments as they may be printed: the value of a secret key (the salt) replaced."""
+    out = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        dotted = ".".join(p for p in key.strip().split(".") if p)
+        secret = any(dotted == k or dotted.startswith(k + ".") for k in _SECRET_KEYS)
+        out.append(f"{key}={REDACTED}" if sep and secret else item)
+    return out
+
+
 def _describe(err: dict, data: dict) -> str:
     loc = tuple(str(p) for p in err["loc"])
     key = ".".join(loc)
+    if key in _SECRET_KEYS:  # never echo a secret, even a malformed one
+        return f"{key}: the value is invalid ({err['msg']}); give the salt as a plain string."
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         allowed = sorted(parent.model_fields) if parent else []
@@ -209,12 +228,13 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     """Turn ['train.lr=0.1', 'model.backbone=resnet18'] into a nested dict (values parsed as YAML)."""
     nested: dict = {}
     for item in overrides or []:
+        shown = redact_overrides([item])[0]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=0.05")
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise ConfigError(f"--set {item!r}: the key is empty")
+            raise ConfigError(f"--set {shown!r}: the key is empty")
         try:
             value = yaml.safe_load(raw) if raw.strip() != "" else None
         except yaml.YAMLError:
@@ -223,7 +243,7 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: '{p}' is a value, not a section")
+                raise ConfigError(f"--set {shown!r}: '{p}' is a value, not a section")
         node[parts[-1]] = value
     return nested
 
@@ -258,6 +278,10 @@ def resolve_method_defaults(cfg: RunConfig) -> RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Load YAML (optional), apply `base` then `--set` overrides, validate and resolve defaults.
 
+    A relative `data.cache` is made absolute (against the working folder), so that the config a
+    run stores still finds its cache when the run is evaluated from elsewhere; `train.run_name`
+    must be a plain folder name. Messages never repeat the value of `prepare.salt`.
+
     Raises:
         ConfigError: unreadable file, unknown key (with suggestions) or invalid value.
     """
@@ -270,6 +294,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"Config file {path} does not exist. Pass a YAML file from configs/, e.g. configs/demo_dermoscopy.yaml.")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                              f"save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(loaded, dict):
@@ -278,11 +305,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     over = parse_overrides(overrides)
     if over:
         data = _merge(data, over)
-        source = f"{source} with --set {' '.join(overrides or [])}"
-    return resolve_method_defaults(_validate(data, source))
+        source = f"{source} with --set {' '.join(redact_overrides(overrides or []))}"
+    cfg = resolve_method_defaults(_validate(data, source))
+    _check_run_name(cfg, source)
+    if cfg.data.cache and not Path(cfg.data.cache).expanduser().is_absolute():
+        # stored with the run: a relative path would point elsewhere when evaluated from another folder
+        cfg.data.cache = str(Path(cfg.data.cache).expanduser().resolve())
+    return cfg
 
 
-REDACTED = "<redacted>"
+def _check_run_name(cfg: RunConfig, source: str) -> None:
+    """train.run_name is one folder name inside train.output_dir: refuse one that climbs out of it.
+
+    Why: the run folder is `output_dir / run_name`; `../../x` or an absolute path would write a
+    run (and later delete or overwrite files) outside the folder the user chose.
+    """
+    name = cfg.train.run_name
+    if name is None:
+        return
+    p = Path(name)
+    if not name.strip() or p.is_absolute() or len(p.parts) != 1 or name in (".", "..") or "\\" in name:
+        raise ConfigError(f"{source}: train.run_name {name!r} must be a plain folder name (no '/', '..' or absolute "
+                          f"path): the run is created inside train.output_dir ({cfg.train.output_dir}).")
 
 
 def public_config(cfg: RunConfig) -> dict[str, Any]:

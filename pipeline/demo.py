@@ -20,6 +20,9 @@ from typing import Any
 __all__ = ["run_demo", "DemoResult", "demo_config_path"]
 
 _COHORT_DEFAULTS = {"dermoscopy": 600, "ct": 80}
+#: the smallest cohorts the generators can give every class a train and a test group: 3 images per
+#: dermoscopy class (8 classes), 2 patients per CT class (4 classes)
+_COHORT_MINIMUM = {"dermoscopy": 24, "ct": 8}
 _METHODS = ("ecl", "ce")
 
 
@@ -125,12 +128,20 @@ def run_demo(
         from .errors import ConfigError
 
         raise ConfigError(f"--modality {modality!r} is not allowed; choose dermoscopy or ct")
+    from .errors import ConfigError
+
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs {epochs}: train for at least one epoch (omit it for the demo config's default)")
+    if n_images is not None and n_images < _COHORT_MINIMUM[modality]:
+        what = "images" if modality == "dermoscopy" else "patients"
+        raise ConfigError(f"--n-images {n_images}: the {modality} demo needs at least {_COHORT_MINIMUM[modality]} {what} "
+                          f"so that every class has training and test data")
     t0 = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    n = n_images or _COHORT_DEFAULTS[modality]
+    n = n_images if n_images is not None else _COHORT_DEFAULTS[modality]
     overrides = [f"train.output_dir={out / 'runs'}", f"train.seed={seed}", f"prepare.split_seed={seed}"]
-    if epochs:
+    if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     if backbone:
         overrides.append(f"model.backbone={backbone}")

@@ -3,8 +3,8 @@
 What a clinician needs to trust (or distrust) a model, computed in one pass over a split:
 
 1. Predict the split (and the validation split) with the deterministic eval view, raw logits.
-2. Fit temperature scaling on validation logits (minimum NLL) and store T in the checkpoint, so
-   `ecl predict` returns calibrated probabilities; calibration is reported before and after
+2. Fit temperature scaling on validation logits (minimum NLL) and store T in calibration.json
+   beside the checkpoint (never in it) and as the run's MLflow artifact, so `ecl predict` returns calibrated probabilities; calibration is reported before and after
    (accuracy cannot change: dividing a row's logits by T keeps its argmax).
 3. Score the calibrated probabilities with `pipeline.metrics` (balanced accuracy, per-class
    recall/specificity/precision/F1/AUROC/AP, confusion, shot groups), stratified bootstrap CIs
@@ -480,7 +480,7 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     import torch
 
     from . import tracking
-    from .checkpoint import load_checkpoint, load_trained_model, set_temperature
+    from .checkpoint import load_checkpoint, load_trained_model, write_calibration
     from .config import flatten_config, public_config
 
     if split not in ("train", "val", "test"):
@@ -529,7 +529,12 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         else:
             t_source = "nothing (the validation split has no labelled images; T = 1)"
             warn.append("No labelled validation images: temperature scaling was skipped (T = 1).")
-        set_temperature(tm.checkpoint_path, temperature)
+        # beside the checkpoint, never inside it: evaluation does not rewrite a trained model
+        try:
+            write_calibration(tm.checkpoint_path.parent, temperature, fitted_on=t_source)
+        except PermissionError:
+            warn.append(f"{tm.checkpoint_path.parent} is read-only: the fitted temperature (T = {temperature:.3f}) was not "
+                        f"stored beside the model, so `ecl predict` there uses T = 1 unless the run's MLflow artifact has it.")
     probs_raw = calibration.apply_temperature(logits, 1.0)
     probs = calibration.apply_temperature(logits, temperature)
     probs_all = calibration.apply_temperature(pred.logits, temperature)
@@ -849,6 +854,9 @@ def _log_to_mlflow(tracking: Any, uri: str, cfg: Any, tm: Any, split: str, flat:
             tracking.log_params(params)
         tracking.log_metrics({f"{split}/{k}": v for k, v in flat.items()})
         tracking.log_artifacts(out, artifact_path=f"eval-{split}")
+        calibration_file = tm.checkpoint_path.parent / "calibration.json"
+        if calibration_file.is_file():  # read by `ecl predict --model <run id | models:/...>` on any machine
+            tracking.log_artifact(calibration_file, artifact_path="calibration")
         html_name = "report.html" if split == "test" else f"report-{split}.html"
         tracking.log_text(report_path.read_text(encoding="utf-8"), f"report/{html_name}")
         if card_markdown is not None:

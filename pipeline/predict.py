@@ -1,10 +1,12 @@
 """`ecl predict`: calibrated class probabilities for new images, in the ISIC submission format.
 
 Every image goes through exactly the preprocessing the training cache saw
-(`data_prep.load_image_file` with the run's `prepare.short_side` and `prepare.color_constancy`,
-then `pipeline.data.eval_transform`), so a prediction here equals the evaluation's prediction on
-the same picture. Probabilities are ``softmax(logits / T)`` with the temperature `ecl evaluate`
-stored in the checkpoint (T = 1 until the model is evaluated).
+(`data_prep.load_image_file` with the cache's recorded short side and colour constancy, kept in
+the checkpoint, see `preprocessing_of`; then `pipeline.data.eval_transform`), so a prediction here
+equals the evaluation's prediction on the same picture. Probabilities are ``softmax(logits / T)``
+with the temperature `ecl evaluate` wrote to calibration.json beside the checkpoint and logged as
+the run's MLflow artifact, so `--model <run id | models:/...>` on another machine is calibrated too
+(T = 1 until the model is evaluated).
 
 Supported inputs: one JPEG/PNG file, or a folder searched recursively for ``*.jpg``, ``*.jpeg``,
 ``*.png`` (any case). For CT models (cache kind "ct") the inputs must be 2D images in the cache's
@@ -14,7 +16,8 @@ lesion coordinates that a bare series does not carry: prepare it with `ecl prepa
 `ecl evaluate` instead. DICOM files given here are reported with that explanation.
 
 An unreadable file never stops the run: it is listed on stderr and in ``<out stem>.errors.csv``
-beside the predictions (columns file, error).
+beside the predictions (columns file, error). DICOM files, and every input of a CT model, are
+named there by position ("input 3 of 40 under --images"), never by a path that may carry a name.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from data_prep import atomic_write_text
 
 from .errors import PipelineError
 
-__all__ = ["run_predict", "find_images", "errors_path", "IMAGE_SUFFIXES", "main"]
+__all__ = ["run_predict", "find_images", "errors_path", "preprocessing_of", "IMAGE_SUFFIXES", "main"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -72,6 +75,38 @@ def _image_ids(files: Sequence[Path], root: Path) -> list[str]:
     return out
 
 
+def preprocessing_of(tm: Any) -> tuple[str, int, bool]:
+    """(kind, short side, colour constancy) the model's training cache used to decode its images.
+
+    Read from the checkpoint (recorded from the cache's cache.json when it was saved), else from
+    the cache itself when it is here, else from the run's prepare config; a CT run is recognised by
+    its cache kind, so it never falls back to the dermoscopy `short_side`.
+    """
+    pre = getattr(tm, "preprocessing", None)
+    cfg = tm.config
+    if not pre and cfg.data.cache:
+        from data_prep import open_cache
+
+        try:
+            cache = open_cache(cfg.data.cache)
+        except Exception:  # noqa: BLE001 - absent or damaged here: fall back to the config below
+            cache = None
+        if cache is not None:
+            options = cache.meta.get("options", {}) or {}
+            pre = {"kind": cache.kind,
+                   "short_side": options.get("ct_image_size" if cache.kind == "ct" else "short_side"),
+                   "color_constancy": bool(options.get("color_constancy", False)) and cache.kind != "ct"}
+    if pre and pre.get("short_side"):
+        kind = str(pre.get("kind", "dermoscopy"))
+        return kind, int(pre["short_side"]), bool(pre.get("color_constancy", False)) and kind != "ct"
+    kind = "dermoscopy"
+    if pre and pre.get("kind"):
+        kind = str(pre["kind"])
+    if kind == "ct":
+        return kind, int(cfg.prepare.ct_image_size), False
+    return kind, int(cfg.prepare.short_side), bool(cfg.prepare.color_constancy)
+
+
 def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path = "predictions.csv",
                 tracking_uri: str | None = None) -> Path:
     """Predict calibrated probabilities for image files and write them as an ISIC CSV.
@@ -91,7 +126,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     import torch
     from tqdm.auto import tqdm
 
-    from data_prep import load_image_file
+    from data_prep import DataPrepError, load_image_file
 
     from .calibration import apply_temperature
     from .checkpoint import load_trained_model
@@ -103,15 +138,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tm = load_trained_model(model_ref, device=device, tracking_uri=tracking_uri)
     cfg = tm.config
-    kind = "dermoscopy"
-    try:  # the cache may be absent where predictions are made: kind then follows the prepare config
-        from data_prep import open_cache
-
-        kind = open_cache(cfg.data.cache).kind if cfg.data.cache else kind
-    except Exception:  # noqa: BLE001 - the cache is only consulted for its kind; absent -> dermoscopy
-        pass
-    short_side = cfg.prepare.ct_image_size if kind == "ct" else cfg.prepare.short_side
-    color_constancy = False if kind == "ct" else cfg.prepare.color_constancy
+    kind, short_side, color_constancy = preprocessing_of(tm)
     transform = eval_transform(cfg.data, model_data_config(tm.network))
     ids = _image_ids(files, Path(images))
 
@@ -131,16 +158,24 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
         batch.clear()
         batch_ids.clear()
 
-    for path, image_id in tqdm(list(zip(files, ids)), desc="predict", unit="image", leave=False):
+    for n, (path, image_id) in enumerate(tqdm(list(zip(files, ids)), desc="predict", unit="image", leave=False), start=1):
+        # DICOM files and the inputs of a CT model are named by position: their names may carry identifiers
+        by_position = kind == "ct" or path.suffix.lower() in _DICOM_SUFFIXES
+        shown = f"input {n} of {len(files)} under --images" if by_position else str(path)
         if path.suffix.lower() in _DICOM_SUFFIXES:
-            errors.append((str(path), "DICOM input is not supported by `ecl predict`: a CT series needs lesion "
-                                      "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
+            errors.append((shown, "DICOM input is not supported by `ecl predict`: a CT series needs lesion "
+                                  "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
             continue
         try:
             pixels = load_image_file(path, short_side=short_side, color_constancy=color_constancy)
             x = transform(pixels)
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch; it is reported
-            errors.append((str(path), f"{type(exc).__name__}: {exc}"))
+        except DataPrepError as exc:  # one bad file must not stop the batch; it is reported
+            reason = str(getattr(exc, "reason", exc))
+            errors.append((shown, reason.replace(str(path), shown) if by_position else reason))
+            continue
+        except Exception as exc:  # noqa: BLE001 - the same for a fault of the transform
+            text = f"{type(exc).__name__}: {exc}"
+            errors.append((shown, text.replace(str(path), shown) if by_position else text))
             continue
         batch.append(torch.as_tensor(x))
         batch_ids.append(image_id)
@@ -157,7 +192,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
         writer.writerows(errors)
         atomic_write_text(err_file, buf.getvalue())
         for file, msg in errors:
-            print(f"ecl predict: skipped unreadable {file}: {msg}", file=sys.stderr)
+            print(f"ecl predict: skipped {file}: {msg}", file=sys.stderr)
         print(f"ecl predict: {len(errors)} of {len(files)} files could not be read; listed in {err_file}",
               file=sys.stderr)
     elif err_file.exists():

@@ -17,12 +17,20 @@ from typing import Any, Iterator
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's own defaults retry a dead server for about 4 minutes (7 retries, backoff factor 2, 120 s
+# timeout); a tracking store that does not answer should cost seconds, not minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+#: seconds to wait for a TCP connection to an http(s) tracking server before giving up
+PROBE_TIMEOUT_S = 5.0
 
 __all__ = [
     "resolve_tracking_uri", "ensure_experiment", "start_run", "log_params", "log_metrics", "set_tags",
     "log_artifact", "log_artifacts", "log_text", "log_dict", "log_torch_model",
     "pinned_requirements", "registered_model_run_id", "get_run", "download_artifacts",
-    "search_runs", "sanitize_metric_name",
+    "search_runs", "sanitize_metric_name", "check_reachable",
 ]
 
 _BAD_METRIC_CHARS = re.compile(r"[^0-9A-Za-z_\-./ ]")
@@ -32,6 +40,37 @@ def _mlflow():
     import mlflow  # deferred: importing mlflow costs about a second
 
     return mlflow
+
+
+_probed: set[str] = set()
+
+
+def check_reachable(uri: str) -> None:
+    """For an http(s) tracking URI, open one TCP connection first and fail at once if none opens.
+
+    Why: MLflow retries a dead server with growing pauses and ends in a page of urllib3 traceback;
+    a connection attempt with a short timeout turns that into one line within seconds.
+
+    Raises:
+        PipelineError: the host cannot be resolved or does not accept connections.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from .errors import PipelineError
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or uri in _probed:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise PipelineError(f"the MLflow tracking server {parts.scheme}://{parts.hostname}:{port} cannot be reached "
+                            f"({exc.strerror or type(exc).__name__}). Start it, fix tracking.uri / MLFLOW_TRACKING_URI, "
+                            f"or unset them to use a local sqlite store.") from None
+    _probed.add(uri)
 
 
 def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
@@ -55,14 +94,58 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local sqlite store while it may be created.
+
+    Why: two trainings that start at once on a new store both run MLflow's schema migrations,
+    and one of them dies in an alembic race; the lock makes the second wait for the first.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the race stays possible there
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def ensure_experiment(uri: str, name: str) -> str:
-    """Point mlflow at `uri` and return the id of experiment `name`, creating it if needed."""
+    """Point mlflow at `uri` and return the id of experiment `name`, creating it if needed.
+
+    Raises:
+        PipelineError: the server cannot be reached, or a local store cannot be opened or created.
+    """
+    from .errors import PipelineError
+
+    check_reachable(uri)
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+    try:
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        with _store_lock(uri):
+            mlflow.set_tracking_uri(uri)
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            return mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be opened is the user's to fix
+        if not uri.startswith(("sqlite:", "file:")) and "://" in uri and not isinstance(exc, OSError):
+            raise
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200]
+        raise PipelineError(f"the MLflow store {uri} cannot be opened or created ({type(exc).__name__}: {reason}). "
+                            f"Set tracking.uri (or MLFLOW_TRACKING_URI) to a writable location, e.g. "
+                            f"sqlite:////a/writable/folder/mlflow.db.") from None
 
 
 @contextlib.contextmanager
@@ -200,6 +283,7 @@ def registered_model_run_id(uri: str, model_uri: str) -> str:
     if len(parts) != 2 or not parts[0]:
         raise ValueError(f"expected models:/NAME/VERSION, got {model_uri!r}")
     name, version = parts
+    check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     if version == "latest":
         versions = client.search_model_versions(f"name='{name}'")
@@ -213,6 +297,7 @@ def registered_model_run_id(uri: str, model_uri: str) -> str:
 
 def get_run(uri: str, run_id: str) -> Any:
     """The mlflow Run (params, metrics, tags, artifact_uri)."""
+    check_reachable(uri)
     mlflow = _mlflow()
     mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
@@ -227,6 +312,7 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: str | Pat
 
 def search_runs(uri: str, experiment: str) -> list[Any]:
     """All finished runs of an experiment, newest first."""
+    check_reachable(uri)
     mlflow = _mlflow()
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)

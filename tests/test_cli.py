@@ -58,3 +58,95 @@ def test_console_script_runs():
 
 def test_parser_builds():
     assert build_parser().prog == "ecl"
+
+
+def _one_line_error(capsys, rc: int) -> str:
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _tiny_csv_cohort(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "img"
+    img.mkdir()
+    rows = ["image,label"]
+    for i in range(12):
+        Image.fromarray(np.full((20, 24, 3), 40 * (i % 2) + 50, np.uint8)).save(img / f"{i}.png")
+        rows.append(f"{i}.png,{'AB'[i % 2]}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    return ["prepare", "csv", "--manifest", str(tmp_path / "m.csv"), "--image-root", str(img), "--workers", "1"]
+
+
+def test_out_naming_an_existing_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    err = _one_line_error(capsys, main(_tiny_csv_cohort(tmp_path) + ["--out", str(tmp_path / "taken")]))
+    assert f"--out {tmp_path / 'taken'} is an existing file" in err
+    (tmp_path / "dir").mkdir()
+    err = _one_line_error(capsys, main(["predict", "--model", str(tmp_path), "--images", str(tmp_path / "img"),
+                                        "--out", str(tmp_path / "dir")]))
+    assert "is a folder; give the CSV file to write" in err
+
+
+@pytest.mark.parametrize("args,expected", [(["--epochs", "0"], "--epochs 0: train for at least one epoch"),
+                                           (["--n-images", "5"], "--n-images 5: the dermoscopy demo needs at least 24 images"),
+                                           (["--modality", "ct", "--n-images", "3"], "at least 8 patients")])
+def test_demo_refuses_zero_epochs_and_tiny_cohorts(tmp_path, capsys, args, expected):
+    err = _one_line_error(capsys, main(["demo", "--out", str(tmp_path / "d"), *args]))
+    assert expected in err
+    assert not (tmp_path / "d" / "runs").exists()
+
+
+def test_disk_full_during_prepare_is_one_line_and_resumes(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from data_prep import CacheWriter, open_cache
+
+    real = CacheWriter.write_shard
+
+    def full(self, k, images):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.build_dir / f"shard-{k:06d}.npz"))
+
+    monkeypatch.setattr(CacheWriter, "write_shard", full)
+    args = _tiny_csv_cohort(tmp_path) + ["--out", str(tmp_path / "cache")]
+    err = _one_line_error(capsys, main(args))
+    assert "no space left on the device" in err and "shard-000000.npz" in err
+    monkeypatch.setattr(CacheWriter, "write_shard", real)
+    assert main(args) == 0 and len(open_cache(tmp_path / "cache")) == 12
+
+
+def test_environment_fault_finds_sqlite_disk_full_inside_mlflow_errors():
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.cli import environment_fault
+
+    try:
+        try:
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as inner:
+                raise sqlalchemy.exc.OperationalError("INSERT INTO metrics", {}, inner) from inner
+        except sqlalchemy.exc.OperationalError as mid:
+            raise MlflowException(f"(sqlite3.OperationalError) {mid.orig}") from mid
+    except MlflowException as outer:
+        assert "disk is full" in environment_fault(outer)
+    assert environment_fault(ValueError("a bug")) is None
+
+
+def test_unreachable_tracking_server_fails_within_seconds(capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    err = _one_line_error(capsys, main(["evaluate", "--run", "0" * 32, "--tracking-uri", f"http://127.0.0.1:{port}"]))
+    assert time.perf_counter() - t0 < 10
+    assert f"tracking server http://127.0.0.1:{port} cannot be reached" in err

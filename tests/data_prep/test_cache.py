@@ -93,3 +93,28 @@ def test_cache_writer_resume_keeps_written_shards(tmp_path):
     w2.finalize(_manifest(6), 3, {"kind": "dermoscopy", "class_names": ["A", "B"]})
     assert w2.is_complete() and not w2.build_dir.exists()
     np.testing.assert_array_equal(open_cache(tmp_path / "c").image(5), imgs[5])
+
+
+@pytest.mark.parametrize("damage,pattern", [
+    ("truncate_pixels", r"pixels\.u8 is truncated \(\d+ bytes; the index needs \d+\)\. Re-run the `ecl prepare`"),
+    ("no_manifest", r"manifest\.csv is missing: the cache is damaged\. Re-run"),
+    ("bad_json", r"cache\.json is damaged \(JSONDecodeError"),
+    ("object_index", r"index\.npy is damaged or not a plain integer array .*Re-run"),
+    ("float_index", r"index\.npy is not an \[n, 4\] array of non-negative integers"),
+])
+def test_open_cache_checks_every_file_and_says_to_re_prepare(tmp_path, damage, pattern):
+    rng = np.random.default_rng(0)
+    path = _build(tmp_path / "c", _images(rng, 5))
+    if damage == "truncate_pixels":
+        data = (path / "pixels.u8").read_bytes()
+        (path / "pixels.u8").write_bytes(data[: len(data) - 10])
+    elif damage == "no_manifest":
+        (path / "manifest.csv").unlink()
+    elif damage == "bad_json":
+        (path / "cache.json").write_text('{"complete": true, "form')
+    elif damage == "object_index":
+        np.save(path / "index.npy", np.array([{"a": 1}] * 5, dtype=object), allow_pickle=True)
+    else:
+        np.save(path / "index.npy", np.zeros((5, 4), dtype=np.float32))
+    with pytest.raises(DataPrepError, match=pattern):
+        open_cache(path)

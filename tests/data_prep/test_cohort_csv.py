@@ -49,7 +49,38 @@ def test_read_cohort_csv_empty_label(tmp_path):
     root = _images(tmp_path / "img", ["a.jpg", "b.jpg"])
     csv = tmp_path / "c.csv"
     csv.write_text("image,label\na,MEL\nb,\n")
-    with pytest.raises(DataPrepError, match=r"c\.csv: empty 'label' in rows 2\. Give every image a class\.$"):
+    with pytest.raises(DataPrepError, match=r"c\.csv: empty or missing 'label' \(row 2: ''\)\. Give every image a class"):
+        read_cohort_csv(csv, root)
+
+
+def test_read_cohort_csv_na_spellings_are_not_classes(tmp_path):
+    root = _images(tmp_path / "img", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    csv = tmp_path / "c.csv"
+    csv.write_text("image,label\na,MEL\nb,NA\nc,nan\nd,N/A\n")
+    with pytest.raises(DataPrepError, match=r"empty or missing 'label' \(row 2: 'NA', row 3: 'nan', row 4: 'N/A'\)"):
+        read_cohort_csv(csv, root)
+
+
+@pytest.mark.parametrize("name", ["../outside/x.jpg", "sub/../../outside/x.jpg", "ABS"])
+def test_read_cohort_csv_refuses_paths_outside_the_image_root(tmp_path, name):
+    root = _images(tmp_path / "img", ["a.jpg", "b.jpg"])
+    _images(tmp_path / "outside", ["x.jpg"])
+    (root / "sub").mkdir()
+    name = str(tmp_path / "outside" / "x.jpg") if name == "ABS" else name
+    csv = tmp_path / "c.csv"
+    csv.write_text(f"image,label\na,MEL\nb,NV\n{name},NV\n")
+    with pytest.raises(DataPrepError, match=r"c\.csv: image path\(s\) outside --image-root .*row 3: "):
+        read_cohort_csv(csv, root)
+    # an absolute path inside the root is fine
+    csv.write_text(f"image,label\na,MEL\n{root / 'b.jpg'},NV\n")
+    assert [p.name for p in read_cohort_csv(csv, root).paths] == ["a.jpg", "b.jpg"]
+
+
+def test_read_user_csv_detects_semicolons(tmp_path):
+    root = _images(tmp_path / "img", ["a.jpg"])
+    csv = tmp_path / "c.csv"
+    csv.write_text("image;label\na;MEL\n")
+    with pytest.raises(DataPrepError, match=r"c\.csv: the columns are separated by semicolons, not commas"):
         read_cohort_csv(csv, root)
 
 

@@ -114,3 +114,28 @@ def test_load_image_file_color_constancy_uint8(tmp_path):
     norms = np.mean(out.astype(float) ** 6, axis=(0, 1)) ** (1 / 6)
     assert norms.max() / norms.min() < 1.01
     np.testing.assert_array_equal(out, shades_of_gray(load_image_file(tmp_path / "cast.png", short_side=64)))
+
+
+def test_16_bit_png_is_scaled_not_saturated(tmp_path):
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "r.png")
+    assert Image.open(tmp_path / "r.png").mode.startswith("I")
+    out = load_image_file(tmp_path / "r.png", short_side=64)
+    expected = np.clip(np.rint(ramp / 257.0), 0, 255).astype(np.uint8)
+    assert out.shape == (64, 64, 3)
+    np.testing.assert_array_equal(out[..., 0], expected)
+    assert (out == 255).mean() < 0.01  # clipping would make almost every pixel white
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    rng = np.random.default_rng(1)
+    upright = np.kron(rng.integers(0, 256, size=(6, 4, 3)), np.ones((16, 16, 1))).astype(np.uint8)  # 96 x 64, blocky
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    stored = np.rot90(upright, k=1)  # what a camera stores; EXIF 6 says "rotate 90 degrees clockwise to view"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / "sideways.png", exif=exif)
+    a = load_image_file(tmp_path / "upright.png", short_side=64)
+    b = load_image_file(tmp_path / "sideways.png", short_side=64)
+    assert a.shape == b.shape == (96, 64, 3)
+    np.testing.assert_array_equal(a, b)

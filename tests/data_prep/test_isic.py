@@ -65,7 +65,7 @@ def test_read_ground_truth_row_with_several_labels(tmp_path):
 
 def test_read_ground_truth_non_numeric_value(tmp_path):
     p = _write(tmp_path, HEADER + _row("ISIC_0000001", "MEL") + "ISIC_0000002,0.0,yes,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n")
-    with pytest.raises(DataPrepError, match=r"empty or non-numeric class values for images ISIC_0000002\. Write 1\.0 or 0\.0"):
+    with pytest.raises(DataPrepError, match=r"empty or non-numeric values in column\(s\) 'NV' for images ISIC_0000002\. Write 1\.0 or 0\.0"):
         read_ground_truth(p)
 
 
@@ -142,3 +142,33 @@ def test_match_images_downsampled_fallback(isic_cohort):
         warnings.simplefilter("ignore")
         paths, _ = match_images([plain], files, isic_cohort["images"], "gt.csv")
     assert paths == [files[down]]
+
+
+def test_read_ground_truth_names_a_text_column(tmp_path):
+    text = "image,MEL,NV,note\nISIC_0000001,1.0,0.0,dark\nISIC_0000002,0.0,1.0,light\n"
+    with pytest.raises(DataPrepError, match=r"gt\.csv: column\(s\) 'note' hold no numbers \(e\.g\. 'dark'\)"):
+        read_ground_truth(_write(tmp_path, text))
+
+
+def test_read_ground_truth_trailing_comma_names_the_column(tmp_path):
+    text = "image,MEL,NV,\nISIC_0000001,1.0,0.0,\nISIC_0000002,0.0,1.0,\n"
+    with pytest.raises(DataPrepError, match=r"gt\.csv: column\(s\) 4 have no header \(often a trailing comma"):
+        read_ground_truth(_write(tmp_path, text))
+
+
+def test_read_ground_truth_metadata_csv_is_called_out(tmp_path):
+    text = "image,age_approx,anatom_site_general,lesion_id,sex\nISIC_0000001,55,back,L1,male\n"
+    with pytest.raises(DataPrepError, match=r"this looks like the metadata CSV .*Pass it as --metadata"):
+        read_ground_truth(_write(tmp_path, text))
+
+
+def test_read_ground_truth_header_only_says_so(tmp_path):
+    with pytest.raises(DataPrepError, match=r"gt\.csv: no data rows, only the header") as info:
+        read_ground_truth(_write(tmp_path, HEADER))
+    assert "quarantine" not in str(info.value)
+
+
+def test_read_ground_truth_ids_with_jpg_suffix_are_accepted_with_a_notice(tmp_path):
+    gt = read_ground_truth(_write(tmp_path, HEADER + _row("ISIC_0000001.jpg", "MEL") + _row("ISIC_0000002.JPG", "NV")))
+    assert gt.images == ["ISIC_0000001", "ISIC_0000002"] and gt.labels == ["MEL", "NV"]
+    assert any("end in a file suffix" in n for n in gt.notices)

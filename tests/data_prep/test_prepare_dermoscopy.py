@@ -211,3 +211,36 @@ def test_prepare_csv_every_image_quarantined_is_an_error(tmp_path):
     with pytest.raises(DataPrepError, match=r"No readable image is left after quarantining 2 file\(s\)"):
         prepare_csv(tmp_path / "m.csv", tmp_path / "img", tmp_path / "cache", PrepareOptions(on_error="skip", workers=1))
     assert (tmp_path / "cache" / "quarantine.csv").is_file()
+
+
+def test_prepare_csv_one_class_cohort_is_refused(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "img" / name).write_bytes(b"not decoded: the check comes first")
+    (tmp_path / "m.csv").write_text("image,label\na.jpg,MEL\nb.jpg,MEL\n")
+    with pytest.raises(DataPrepError, match=r"m\.csv: every image has the class 'MEL'; a classifier needs at least two classes"):
+        prepare_csv(tmp_path / "m.csv", tmp_path / "img", tmp_path / "cache", PrepareOptions(workers=1))
+
+
+def test_prepare_skip_keeps_a_training_image_for_every_class(tiny_cohort, tmp_path):
+    """The split is drawn over the images left after quarantine: the class whose training images
+    are broken keeps its surviving image in train (a split drawn before decoding lost it)."""
+    import shutil
+
+    from data_prep.splits import make_split
+
+    images = shutil.copytree(tiny_cohort["images"], tmp_path / "img")
+    gt = pd.read_csv(tiny_cohort["ground_truth"])
+    md = pd.read_csv(tiny_cohort["metadata"], dtype=str, keep_default_na=False)
+    labels = list(gt.iloc[:, 1:].idxmax(axis=1))
+    groups = [g or None for g in md["lesion_id"]]
+    before, _ = make_split(labels, groups, (0.6, 0.2, 0.2), 0)
+    victims = [img for img, lab, s in zip(gt["image"], labels, before) if lab == "DF" and s == "train"]
+    assert victims and sum(lab == "DF" for lab in labels) > len(victims)
+    for img in victims:
+        (images / f"{img}.jpg").write_bytes(b"broken")
+    out = prepare_isic2019(images, tiny_cohort["ground_truth"], tiny_cohort["metadata"], tmp_path / "c",
+                           PrepareOptions(short_side=32, workers=1, on_error="skip"))
+    m = open_cache(out).manifest
+    assert set(victims).isdisjoint(m["image"])
+    assert set(m.loc[m["split"] == "train", "label"]) == set(m["label"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def test_prepare_ct_series_without_labels_row(cohort, tmp_path):
     src = _copy(cohort, tmp_path)
     df = pd.read_csv(src["labels"], dtype=str)
     df.drop(index=2).to_csv(src["labels"], index=False)
-    with pytest.raises(DataPrepError, match=r"series S-[0-9a-f]{10} \(patient P-[0-9a-f]{10}, folder case_002/study_1/series_2\): no row of .*labels\.csv has its patient_id"):
+    with pytest.raises(DataPrepError, match=r"^series S-[0-9a-f]{10} \(patient P-[0-9a-f]{10}\): no row of .*labels\.csv has its patient_id"):
         prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
 
 
@@ -106,7 +107,7 @@ def test_prepare_ct_centre_outside_volume(cohort, tmp_path):
     df = pd.read_csv(src["labels"], dtype=str)
     df.loc[4, "center_z_mm"] = "900.0"
     df.to_csv(src["labels"], index=False)
-    with pytest.raises(DataPrepError, match=r"folder case_004/study_1/series_2\): the lesion centre of labels row 5 lies outside the volume"):
+    with pytest.raises(DataPrepError, match=r"^series S-[0-9a-f]{10} \(patient P-[0-9a-f]{10}\): the lesion centre of labels row 5 lies outside the volume"):
         prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
 
 
@@ -117,19 +118,46 @@ def test_prepare_ct_quarantines_with_skip(cohort, tmp_path):
     files = sorted((src["images"] / "case_006/study_1/series_2").glob("*.dcm"))
     files[5].unlink()  # a gap: found from the headers
     (src["images"] / "stray.dcm").write_bytes(b"not dicom at all")
-    with pytest.raises(DataPrepError, match=r"stray\.dcm: not a DICOM file"):
+    listing = [p for p in sorted(src["images"].rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    stray_pos = f"input file {listing.index(src['images'] / 'stray.dcm') + 1} of {len(listing)}"
+    with pytest.raises(DataPrepError, match=rf"^{stray_pos}: not a DICOM file"):
         prepare_ct(src["images"], src["labels"], tmp_path / "stop", PrepareOptions(**OPTS))
     out = prepare_ct(src["images"], src["labels"], tmp_path / "skip", PrepareOptions(**OPTS, on_error="skip"))
     q = pd.read_csv(out / "quarantine.csv", keep_default_na=False)
     assert len(q) == 3
+    # files are named by series pseudonym and position along the slice normal, never by their path
+    text = (out / "quarantine.csv").read_text()
+    assert "case_" not in text and victim.name not in text and "stray" not in text
     by_file = dict(zip(q["file"], q["reason"]))
-    assert "stray.dcm: not a DICOM file" in by_file.pop("stray.dcm")
-    assert f"{victim.name}: no complete Pixel Data element" in by_file.pop(f"case_001/study_1/series_2/{victim.name}")
+    assert "not a DICOM file" in by_file.pop(stray_pos)
+    import pydicom
+
+    from data_prep.dicom import index_dicom_tree
+    (info,) = [s for s in index_dicom_tree(src["images"] / "case_001/study_1/series_2")]
+    normal = np.cross(*np.reshape(info.slices[0].orientation, (2, 3)))
+    along = sorted(float(np.dot(s.position, normal)) for s in info.slices)
+    k = along.index(float(np.dot(pydicom.dcmread(victim, stop_before_pixels=True).ImagePositionPatient, normal))) + 1
+    series_1 = pseudonym(info.series_uid, SALT, "S")
+    (victim_name,) = [f for f in by_file if f.startswith(f"series {series_1}")]
+    assert victim_name == f"series {series_1} (patient {pseudonym(info.patient_id, SALT, 'P')}), slice {k} of {len(along)}"
+    assert "no complete Pixel Data element" in by_file.pop(victim_name)
     ((gap_file, gap_reason),) = by_file.items()  # the file beside the gap, in the series with the gap
-    assert gap_file.startswith("case_006/study_1/series_2/") and "slice spacing is not uniform" in gap_reason
-    assert set(q["series"]) - {""} == set(q["series"][q["file"] != "stray.dcm"]) and q["series"].str.startswith("S-").sum() == 2
+    assert gap_file.startswith("series S-") and ", slice " in gap_file and "slice spacing is not uniform" in gap_reason
+    assert set(q["series"]) - {""} == set(q["series"][q["file"] != stray_pos]) and q["series"].str.startswith("S-").sum() == 2
     cache = open_cache(out)
     assert cache.manifest["patient"].nunique() == 6 and len(cache) == 12
+    # the split is drawn over the kept series: every class that is left has training images
+    m = cache.manifest
+    assert set(m.loc[m["split"] == "train", "label"]) == set(m["label"]) == set(cache.class_names)
+
+
+def test_prepare_ct_refuses_one_class_cohort(cohort, tmp_path):
+    src = _copy(cohort, tmp_path)
+    df = pd.read_csv(src["labels"], dtype=str)
+    df["label"] = "solid"
+    df.to_csv(src["labels"], index=False)
+    with pytest.raises(DataPrepError, match=r"labels\.csv: every row has the label 'solid'; a classifier needs at least two classes"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
 
 
 def test_prepare_ct_nifti_input_with_voxel_centres(cohort, tmp_path):
@@ -153,6 +181,29 @@ def test_prepare_ct_nifti_input_with_voxel_centres(cohort, tmp_path):
     pd.DataFrame(rows[:4]).to_csv(tmp_path / "labels.csv", index=False)
     cache = open_cache(prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS, channels="orthogonal")))
     assert len(cache) == 8 and set(cache.manifest["patient"]) == {pseudonym(f"vol{i}", SALT) for i in range(4)}
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_prepare_ct_truncated_nifti_is_an_error_naming_the_volume_by_pseudonym(cohort, tmp_path, suffix, capfd):
+    from data_prep.dicom import load_series
+
+    labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})
+    rows = []
+    for i in range(4):
+        vol = load_series(cohort["images"] / f"case_{i:03d}")
+        img = sitk.GetImageFromArray(vol.array)
+        img.SetSpacing(vol.spacing[::-1])
+        img.SetOrigin(vol.origin)
+        img.SetDirection(vol.direction.ravel().tolist())
+        sitk.WriteImage(img, str(tmp_path / f"MRN00{i}{suffix}"))
+        rows.append({"patient_id": f"MRN00{i}", "label": labels.loc[i, "label"]})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    victim = tmp_path / f"MRN002{suffix}"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 2 // 3])  # ITK alone would read this with zero-filled voxels
+    with pytest.raises(DataPrepError, match=rf"^volume {pseudonym('MRN002', SALT, 'S')} \(patient {pseudonym('MRN002', SALT)}\).*truncated") as info:
+        prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS))
+    assert "MRN00" not in str(info.value) and "MRN00" not in "".join(capfd.readouterr())
 
 
 def test_prepare_ct_without_centres_samples_lung_slices(cohort, tmp_path):
@@ -197,3 +248,35 @@ def test_prepare_ct_resumes_after_interruption(cohort, tmp_path, monkeypatch, ca
     out = prepare_ct(cohort["images"], cohort["labels"], tmp_path / "out", PrepareOptions(**OPTS))
     assert "resuming: 1 of 2 shards already built" in capsys.readouterr().out
     assert len(open_cache(out)) == 16
+
+
+def test_prepare_ct_slice_cut_inside_its_header_is_named_not_dropped(cohort, tmp_path):
+    """pydicom reads a file cut inside its header without an error; the slice must not vanish silently."""
+    import pydicom
+
+    src = _copy(cohort, tmp_path)
+    folder = src["images"] / "case_003/study_1/series_2"
+    files = sorted(folder.glob("*.dcm"), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+    top = files[-1]  # the top slice: no gap would betray its absence
+    top.write_bytes(top.read_bytes()[:300])
+    from data_prep.dicom import index_dicom_tree
+
+    (info,) = [s for s in index_dicom_tree(folder, []) if s.is_image]
+    label = f"series {pseudonym(info.series_uid, SALT, 'S')} (patient {pseudonym(info.patient_id, SALT)})"
+    with pytest.raises(DataPrepError, match=rf"^input file \d+ of \d+ \(in the folder of {re.escape(label)}\): the DICOM header is "
+                                            rf"incomplete .* truncated or damaged"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "stop", PrepareOptions(**OPTS))
+    out = prepare_ct(src["images"], src["labels"], tmp_path / "skip", PrepareOptions(**OPTS, on_error="skip"))
+    q = pd.read_csv(out / "quarantine.csv", keep_default_na=False)
+    assert len(q) == 1 and q["file"][0].endswith(f"(in the folder of {label})") and top.name not in q["reason"][0]
+
+
+def test_prepare_ct_refuses_nifti_and_dicom_in_one_folder(cohort, tmp_path):
+    from data_prep.dicom import load_series
+
+    vol = load_series(cohort["images"] / "case_000")
+    sitk.WriteImage(sitk.GetImageFromArray(vol.array), str(tmp_path / "vol0.nii.gz"))
+    shutil.copytree(cohort["images"] / "case_001", tmp_path / "case_001")
+    pd.DataFrame([{"patient_id": "vol0", "label": "solid"}, {"patient_id": "x", "label": "part_solid"}]).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataPrepError, match=r"holds both NIfTI volumes \(1\) and DICOM files \(\d+, e\.g\. input file \d+ of \d+\)"):
+        prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS))

@@ -97,3 +97,34 @@ def test_method_defaults_cover_every_method():
     from pipeline.config import MethodName
 
     assert set(METHOD_DEFAULTS) == set(get_args(MethodName))
+
+
+def test_config_errors_never_repeat_the_salt():
+    secret = "hunter2-very-secret"
+    for overrides in (["train.lr=-1", f"prepare.salt={secret}"], [f"prepare.salt=[{secret}, x]"],
+                      [f"prepare.salt.x={secret}", "train.lr=-1"]):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides)
+        assert secret not in str(info.value)
+    with pytest.raises(ConfigError, match=r"prepare\.salt=<redacted>") as info:
+        load_config(None, ["train.lr=-1", f"prepare.salt={secret}"])
+
+
+def test_latin1_config_file_is_one_clear_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes("train:\n  run_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c\.yaml: not UTF-8 text \(byte \d+: b'\\xe9'\); save it as UTF-8"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/tmp/x", "..", "."])
+def test_run_name_must_stay_inside_output_dir(name):
+    with pytest.raises(ConfigError, match=r"train\.run_name .* must be a plain folder name"):
+        load_config(None, [f"train.run_name={name}"])
+    assert load_config(None, ["train.run_name=ok-name_1"]).train.run_name == "ok-name_1"
+
+
+def test_relative_cache_path_is_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.cache=caches/isic"])
+    assert cfg.data.cache == str(tmp_path / "caches" / "isic")

@@ -11,6 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from data_prep import file_sha256
+
 from pipeline import calibration, metrics, stats
 
 _spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
@@ -35,8 +37,9 @@ def evaluated(tmp_path_factory, one_thread):
     cache = evalkit.build_cache(work / "cache")
     uri = f"sqlite:///{work}/mlflow.db"
     run_dir = evalkit.make_run(cache, work / "runs", uri, steps=12)
+    checkpoint_sha = file_sha256(run_dir / "checkpoint-best.pt")
     result = run_evaluate(str(run_dir), split="test")
-    return {"result": result, "run_dir": run_dir, "uri": uri, "cache": cache}
+    return {"result": result, "run_dir": run_dir, "uri": uri, "cache": cache, "checkpoint_sha": checkpoint_sha}
 
 
 def _saved(out: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[str]]:
@@ -106,7 +109,10 @@ def test_evaluate_stores_temperature_fitted_on_val(evaluated, one_thread):
     m = evaluated["result"].metrics
     tm = load_trained_model(evaluated["run_dir"])
     assert tm.temperature == pytest.approx(m["temperature"])
-    assert load_checkpoint(tm.checkpoint_path)["temperature"] == pytest.approx(m["temperature"])
+    # beside the checkpoint, never in it: evaluation does not rewrite a trained model
+    assert json.loads((evaluated["run_dir"] / "calibration.json").read_text())["temperature"] == pytest.approx(m["temperature"])
+    assert file_sha256(tm.checkpoint_path) == evaluated["checkpoint_sha"]
+    assert load_checkpoint(tm.checkpoint_path)["temperature"] == 1.0
     assert abs(m["temperature"] - 1.0) > 1e-3
     val = predict_split(tm.network, open_cache(evaluated["cache"]), "val", tm.config.data, 8)
     assert m["temperature"] == pytest.approx(calibration.fit_temperature(val.logits, val.labels), rel=1e-5)
@@ -132,6 +138,32 @@ def test_evaluate_logs_metrics_and_report_to_training_run(evaluated):
     assert "report/report.html" in artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "eval-test")} >= {
         "eval-test/metrics.json", "eval-test/predictions.csv", "eval-test/ground_truth.csv"}
+
+
+def test_calibration_travels_with_the_mlflow_run(evaluated, tmp_path, monkeypatch):
+    """Another machine: no run folder, only the MLflow store; the model comes with its fitted T."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.checkpoint import BEST, load_trained_model
+
+    result, run_dir, uri = evaluated["result"], evaluated["run_dir"], evaluated["uri"]
+    client = MlflowClient(tracking_uri=uri)
+    assert "calibration/calibration.json" in {a.path for a in client.list_artifacts(result.run_id, "calibration")}
+    experiment = client.get_experiment(client.get_run(result.run_id).info.experiment_id).name
+    with tracking.start_run(uri, experiment, run_id=result.run_id):
+        tracking.log_artifact(run_dir / BEST, artifact_path="checkpoints")  # as training logs it
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    away = run_dir.with_name("moved-away")
+    run_dir.rename(away)
+    try:
+        tm = load_trained_model(result.run_id, tracking_uri=uri)
+    finally:
+        away.rename(run_dir)
+    assert tm.checkpoint_path.is_relative_to(tmp_path)
+    assert tm.temperature == pytest.approx(result.metrics["temperature"]) and abs(tm.temperature - 1.0) > 1e-3
 
 
 def test_evaluate_ct_cache_reports_patient_level(tmp_path, one_thread):
@@ -374,3 +406,37 @@ def test_evaluate_geometry_sentences_are_true_for_the_method(tmp_path, one_threa
             pred_y.append(y)
     direct = measure_geometry(torch.cat(pred_z).numpy(), torch.cat(pred_y).numpy(), num_classes=4)
     assert m["projection/gram_dist_simplex"] == pytest.approx(direct["gram_dist_simplex"], rel=1e-4, abs=1e-6)
+
+
+def test_evaluate_read_only_run_folder_and_full_disk_are_handled(evaluated, tmp_path, monkeypatch, capsys):
+    """A shared, read-only model store: evaluation still runs (output elsewhere) and says T was not stored
+    beside the model; a full disk gives one line naming the file."""
+    import errno
+
+    import data_prep.io as dio
+    from pipeline.cli import main
+
+    run_dir = evaluated["run_dir"]
+    real = dio._create_temp
+
+    def read_only(path):
+        if path.parent == run_dir:
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real(path)
+
+    monkeypatch.setattr(dio, "_create_temp", read_only)
+    before = (run_dir / "calibration.json").read_text()
+    assert main(["evaluate", "--run", str(run_dir), "--out", str(tmp_path / "ev"), "--n-bootstrap", "100"]) == 0
+    assert (run_dir / "calibration.json").read_text() == before
+    assert "is read-only: the fitted temperature" in (tmp_path / "ev" / "report.html").read_text()
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dio, "_create_temp", full)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run_dir), "--out", str(tmp_path / "ev2"), "--n-bootstrap", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "error" in x.lower()]  # tqdm bars aside, one line
+    assert line.startswith("ecl evaluate: error: cannot write ") and "no space left on the device" in line

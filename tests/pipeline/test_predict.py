@@ -124,3 +124,79 @@ def test_errors_path_beside_output():
     from pipeline.predict import errors_path
 
     assert errors_path("out/predictions.csv") == Path("out/predictions.errors.csv")
+
+
+def test_calibration_json_beside_the_checkpoint_wins(model_and_images, tmp_path):
+    from scipy.special import softmax
+
+    from pipeline.checkpoint import CALIBRATION, load_trained_model, write_calibration
+    from pipeline.predict import run_predict
+
+    run_dir, images = model_and_images
+    write_calibration(run_dir, 0.6, fitted_on="test")
+    try:
+        assert load_trained_model(run_dir).temperature == pytest.approx(0.6)
+        out = run_predict(str(run_dir), images / "ISIC_0000001.png", out_csv=tmp_path / "p.csv")
+        logits = _reference_logits(run_dir, [images / "ISIC_0000001.png"])
+        np.testing.assert_allclose(pd.read_csv(out)[evalkit.CLASSES].to_numpy(), softmax(logits / 0.6, axis=1), atol=1e-6)
+        (run_dir / CALIBRATION).write_text("{broken")
+        from pipeline.errors import PipelineError
+
+        with pytest.raises(PipelineError, match=r"calibration\.json is damaged .*re-run `ecl evaluate`"):
+            load_trained_model(run_dir)
+    finally:
+        (run_dir / CALIBRATION).unlink()
+
+
+def test_predict_names_dicom_inputs_by_position_only(model_and_images, tmp_path, capsys):
+    from pipeline.predict import run_predict
+
+    run_dir, images = model_and_images
+    folder = tmp_path / "LAST^FIRST001_MRN001"
+    (folder / "CT THORAX").mkdir(parents=True)
+    (folder / "a_good.png").write_bytes((images / "ISIC_0000001.png").read_bytes())
+    (folder / "CT THORAX" / "IM_MRN001_0003.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    run_predict(str(run_dir), folder, out_csv=tmp_path / "p.csv")
+    errors = (tmp_path / "p.errors.csv").read_text()
+    printed = "".join(capsys.readouterr())
+    assert "input 1 of 2 under --images" in errors and "DICOM input is not supported" in errors  # sorted: "CT THORAX/" first
+    for text in (errors, printed):
+        assert "MRN001" not in text and "LAST" not in text and "THORAX" not in text
+
+
+def test_predict_ct_model_uses_the_recorded_cache_preprocessing_and_positions(tmp_path, capsys):
+    """A CT run predicts where its cache is absent: the crop size recorded from cache.json at training is
+    used (not the dermoscopy short_side), and unreadable inputs are named by position, not file name."""
+    import json
+
+    from data_prep import load_image_file, open_cache
+    from pipeline.checkpoint import load_trained_model
+    from pipeline.data import eval_transform
+    from pipeline.models import model_data_config
+    from pipeline.predict import run_predict
+
+    cache = evalkit.build_cache(tmp_path / "ct-cache", seed=2, kind="ct", size=20)
+    meta = json.loads((cache / "cache.json").read_text())
+    meta["options"] = {"ct_image_size": 20, "channels": "windows"}
+    (cache / "cache.json").write_text(json.dumps(meta))
+    run_dir = evalkit.make_run(cache, tmp_path / "runs", None, steps=2, mlflow_run=False)
+    c = open_cache(cache)
+    images = tmp_path / "crops"
+    images.mkdir()
+    Image.fromarray(c.image(int(c.split_indices("test")[0]))).resize((37, 53)).save(images / "P-1_l0_s0.png")
+    (images / "MRN777_broken.png").write_bytes(b"nope")
+    cache.rename(tmp_path / "elsewhere")  # another machine: no cache
+    tm = load_trained_model(run_dir)
+    assert tm.preprocessing["kind"] == "ct" and tm.preprocessing["short_side"] == 20
+    assert tm.config.prepare.short_side != 20 and tm.config.prepare.ct_image_size != 20
+    out = run_predict(str(run_dir), images, out_csv=tmp_path / "p.csv")
+    t = eval_transform(tm.config.data, model_data_config(tm.network))
+    with torch.no_grad():
+        logits = tm.network(torch.stack([t(load_image_file(images / "P-1_l0_s0.png", short_side=20))])).double().numpy()
+    from scipy.special import softmax
+
+    np.testing.assert_allclose(pd.read_csv(out)[evalkit.CLASSES].to_numpy(), softmax(logits, axis=1), atol=1e-6)
+    errors = (tmp_path / "p.errors.csv").read_text()
+    printed = "".join(capsys.readouterr())
+    assert "input 1 of 2 under --images" in errors
+    assert "MRN777" not in errors and "MRN777" not in printed and "--on-error" not in errors + printed

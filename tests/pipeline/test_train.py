@@ -388,3 +388,35 @@ def test_heads_follow_the_methods_active_terms():
         base_weights = {"mystery": 1.0}
 
     assert all(_heads_used(Unknown()).values())  # unknown terms: keep every head (safe)
+
+
+def test_disk_full_while_training_is_one_line_and_the_mlflow_run_is_failed(cache, tmp_path, monkeypatch, capsys):
+    """ENOSPC at the first checkpoint: `ecl train` prints one line (exit 2), the MLflow run ends FAILED."""
+    import errno
+
+    import data_prep.io as dio
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main
+    from pipeline.config import save_config
+
+    cfg = tiny_cfg(cache, tmp_path / "runs", "full-disk", "train.epochs=1")
+    save_config(cfg, tmp_path / "c.yaml")
+    real = dio._create_temp
+
+    def full(path):
+        if path.name.startswith("checkpoint-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path)
+
+    monkeypatch.setattr(dio, "_create_temp", full)
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "error" in x.lower()]  # progress bars aside, one line
+    assert line.startswith("ecl train: error: cannot write ") and "checkpoint-" in line and "no space left on the device" in line
+    runs = MlflowClient(tracking_uri=cfg.tracking.uri).search_runs(
+        [MlflowClient(tracking_uri=cfg.tracking.uri).get_experiment_by_name("test-train").experiment_id],
+        filter_string="attributes.run_name = 'full-disk'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not [p for p in (tmp_path / "runs" / "full-disk").iterdir() if p.name.endswith(".ecl-tmp")]

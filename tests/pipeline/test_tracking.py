@@ -1,0 +1,44 @@
+"""MLflow store faults: a store that cannot be created, a dead server, two trainings creating one store."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import tracking
+from pipeline.errors import PipelineError
+
+
+def test_unwritable_sqlite_store_is_one_clear_error(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(PipelineError, match=r"the MLflow store sqlite:///.*a-file/mlflow\.db cannot be opened or created"):
+        tracking.ensure_experiment(f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}", "x")
+
+
+def test_dead_server_is_refused_by_the_probe_within_seconds():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(PipelineError, match=rf"tracking server http://127\.0\.0\.1:{port} cannot be reached"):
+        tracking.get_run(f"http://127.0.0.1:{port}", "0" * 32)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_two_processes_creating_one_new_store_at_once(tmp_path):
+    """Both must succeed: MLflow's schema migration of a new sqlite store races without the lock."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = ("import sys, time; from pipeline import tracking; import mlflow\n"
+            "t = float(sys.argv[2])\nwhile time.time() < t: time.sleep(0.005)\n"
+            "print(tracking.ensure_experiment(sys.argv[1], 'race'))\n")
+    start = time.time() + 8  # both import mlflow first, then start together
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    ids = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(ids) == 1  # one experiment, found by the second process
