@@ -103,6 +103,10 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tm = load_trained_model(model_ref, device=device, tracking_uri=tracking_uri)
     cfg = tm.config
+    from .threads import apply_threads, plan_threads
+
+    # predict decodes in this process (no loader workers): every core may compute, unless set
+    apply_threads(plan_threads(cfg.train.threads, 0, device))
     kind = "dermoscopy"
     try:  # the cache may be absent where predictions are made: kind then follows the prepare config
         from data_prep import open_cache

@@ -246,6 +246,51 @@ def test_nonfinite_loss_stops_naming_epoch_step_and_term(work, cache, monkeypatc
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+def test_nonfinite_loss_is_checked_every_n_steps_and_names_the_first_bad_step(work, cache, monkeypatch):
+    """No per-step host sync: the poisoned step 3 is found at the check after step 5, and named."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    calls = []
+
+    def poison(result):
+        calls.append(1)
+        terms = dict(result.terms, lc=result.terms["lc"] * float("inf"))
+        return type(result)(total=result.total + terms["lc"], terms=terms)
+
+    import pipeline.registry as registry
+
+    real = registry.create_method
+    faulty = []
+    monkeypatch.setattr(registry, "create_method", lambda *a, **k: faulty.append(_Faulty(real(*a, **k), 3, poison)) or faulty[-1])
+    with pytest.raises(PipelineError) as err:
+        run_train(tiny_cfg(cache, work / "runs", "nan-deferred", "train.batch_size=2", "train.max_steps_per_epoch=7",
+                           "train.finite_check_every=5", "train.epochs=1"))
+    msg = str(err.value)
+    assert "epoch 1, step 3 " in msg and "non-finite: total, lc" in msg, msg
+    assert calls == [1] and faulty[-1].calls == 5  # training went on to step 5, where the block was checked
+    assert not (work / "runs" / "nan-deferred" / LAST).exists()  # no epoch finished: nothing written
+
+
+def test_fixed_seed_and_thread_count_give_identical_weights(work, cache, monkeypatch):
+    """Two runs with the same seed and train.threads end with bit-identical weights (and use those threads)."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    before = torch.get_num_threads()
+    try:
+        runs = [run_train(tiny_cfg(cache, work / "runs", f"threads-{i}", "train.epochs=2", "train.threads=2"))
+                for i in range(2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    a, b = (load_checkpoint(r.run_dir / LAST)["model"] for r in runs)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tags = tracking.get_run(runs[0].tracking_uri, runs[0].run_id).data.tags
+    assert tags["ecl.torch_threads"] == "2" and tags["ecl.num_workers"] == "0"
+
+
 def test_missing_cache_is_one_line_error(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         run_train(tiny_cfg(tmp_path / "nope", tmp_path / "runs", "x"))
