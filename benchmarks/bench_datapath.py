@@ -68,6 +68,33 @@ def reference_item(path: Path, views) -> torch.Tensor:
     return torch.stack([v(img) for v in views])
 
 
+class ReferenceDataset(torch.utils.data.Dataset):
+    """The reference loop as a Dataset (for a DataLoader with workers): JPEG -> three float views, label."""
+
+    def __init__(self, files: list[Path], labels, size: int):
+        self.files, self.labels, self.size = list(files), list(labels), size
+        self.views = None  # built lazily inside each worker
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        if self.views is None:
+            self.views = reference_transforms(self.size)
+        return reference_item(self.files[i], self.views), int(self.labels[i])
+
+
+def write_jpegs(cache, out: Path, quality: int = 90) -> list[Path]:
+    """The cache's images as JPEG files (what the reference reads), in cache order."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(len(cache)):
+        f = out / f"B_{i:06d}.jpg"
+        cv2.imwrite(str(f), cv2.cvtColor(cache.image(i), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        files.append(f)
+    return files
+
+
 def _rates(fns: dict, n: int, rounds: int) -> dict[str, float]:
     """Samples/s of each fn(i), i in range(n): rounds interleaved (ref, ours, ref, ours, ...) and the
     best round of each kept, so a burst of load from other processes hits both sides alike."""
@@ -97,13 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_cfg = DataConfig(image_size=size, num_workers=0)
     with tempfile.TemporaryDirectory(prefix="bench_datapath_") as tmp:
         cache = open_cache(build_cache(Path(tmp) / "cache", args.n_images, args.short_side))
-        jpeg_dir = Path(tmp) / "jpeg"
-        jpeg_dir.mkdir()
-        files = []
-        for i in range(len(cache)):
-            f = jpeg_dir / f"B_{i:06d}.jpg"
-            cv2.imwrite(str(f), cv2.cvtColor(cache.image(i), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-            files.append(f)
+        files = write_jpegs(cache, Path(tmp) / "jpeg")
 
         dataset = CacheDataset(cache, np.arange(len(cache)), train_transform(data_cfg, NORM, n_views=3), seed=0)
         views = reference_transforms(size)
