@@ -411,3 +411,68 @@ def test_torchrun_two_processes_on_cpu(work, cache, tmp_path):
     ckpt = load_checkpoint(out / "ddp" / LAST)
     assert ckpt["epoch"] == 0 and (out / "ddp" / BEST).is_file()
     assert tracking.get_run(ckpt["tracking_uri"], ckpt["mlflow_run_id"]).data.tags["world_size"] == "2"
+
+
+# ------------------------------------------------------------------------------------ GPU (benchmarks/gpu_check.sh)
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@_CUDA
+def test_cuda_training_with_bf16_channels_last_and_compile(work, cache, monkeypatch):
+    """The GPU recipe end to end on a tiny run: bf16 autocast, channels_last, torch.compile."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    run = run_train(tiny_cfg(cache, work / "runs", "cuda", "train.device=cuda", "train.epochs=1", "train.amp=bf16",
+                             "train.channels_last=true", "train.compile=true"))
+    metrics = pd.read_csv(run.run_dir / "metrics.csv")
+    assert np.isfinite(metrics[["train/loss", "train/loss/lc", "train/loss/bc", "train/loss/cc"]].to_numpy()).all()
+    state = load_checkpoint(run.run_dir / LAST)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+@_CUDA
+def test_ecl_training_steps_never_synchronise_the_gpu(cache):
+    """Forward, ECL loss, backward, clipping, SGD and the deferred finite check queue work without a
+    host sync between checks (torch's sync debug mode turns any sync into an error)."""
+    from data_prep import open_cache
+    from pipeline.data import normalize_on_device
+    from pipeline.models import create_network, model_data_config
+    from pipeline.registry import create_method
+    from pipeline.train import _LossLog, _stack_views
+
+    cfg = tiny_cfg(cache, Path("unused"), "sync")
+    c = open_cache(cache)
+    counts = c.class_counts("train")
+    net = create_network(cfg.model, len(c.class_names), proj_head=True).cuda().to(memory_format=torch.channels_last)
+    method = create_method(cfg.method, counts, feature_dim=net.feature_dim, proj_dim=net.proj_dim)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    norm = model_data_config(net)
+    x = torch.randint(0, 256, (6, 3, 3, 32, 32), dtype=torch.uint8).pin_memory()
+    y = torch.as_tensor(np.resize(np.arange(len(c.class_names)), 6)).pin_memory()
+    log = _LossLog(every=1000, epoch=0, on_error=lambda: None)
+
+    def step(i: int) -> None:
+        xb = _stack_views(normalize_on_device(x.to("cuda", non_blocking=True), norm), 3)
+        xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = y.to("cuda", non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = method(net(xb, return_all=True), yb)
+        log.add(i, loss)
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+
+    step(0)  # first call: cuDNN/cuBLAS set-up and the cached class prior may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 4):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    log.flush()
+    assert set(log.sums) >= {"loss", "lc", "bc", "cc"} and all(math.isfinite(v) for v in log.sums.values())
