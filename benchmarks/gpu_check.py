@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,16 +67,24 @@ def part_train(reduced: bool, out: Path) -> dict[str, Any]:
 
 
 def part_evaluate(reduced: bool, out: Path) -> dict[str, Any]:
+    from pipeline.models import create_network  # noqa: F401 - import cost is not part of the timing
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_eval_"))
+    try:
+        return _evaluate_in(work, reduced)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _evaluate_in(work: Path, reduced: bool) -> dict[str, Any]:
     import torch
 
     import data_prep
     from data_prep import open_cache
     from pipeline.config import load_config
     from pipeline.evaluate import predict_split, run_evaluate
-    from pipeline.models import create_network  # noqa: F401 - import cost is not part of the timing
     from pipeline.train import run_train
 
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_eval_"))
     n = 48 if reduced else 1200
     size = 32 if reduced else 224
     sizes = [(48, 36)] if reduced else [(600, 450)]
