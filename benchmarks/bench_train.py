@@ -13,6 +13,10 @@ One run, same backbone, batch and step on both sides (nanoGPT's `bench.py` with 
 Targets: (b) >= 85 % of (a) in samples/s; ECL loss < 3 % of a step.
 
 (d) the loader alone, no model running: the rate the data path can sustain.
+(e) with --reference: the ProConDual/BCL-style loop on the same device and model: JPEG files
+    decoded by PIL, torchvision transforms (three float32 views), the same number of loader
+    workers, fp32 (no autocast, no channels_last, no compile), the same ECL step.
+    Target: (b) >= 3x (e) in samples/s.
 
 On a GPU: ResNet-50 at 224 px, bf16 autocast, channels_last, batch 64, workers = all cores. On a
 CPU: a small backbone (resnet18 at 96 px, batch 32, a few steps), one loader worker and the other
@@ -21,12 +25,15 @@ cores for torch; the model and the worker share the machine, so (b)/(a) also mea
 Run:
     python benchmarks/bench_train.py                       # defaults for the device found
     python benchmarks/bench_train.py --backbone resnet50 --image-size 224 --batch-size 128 --steps 200
+    python benchmarks/bench_train.py --compile --reference --json out.json   # what gpu_check.sh runs
 """
 from __future__ import annotations
 
 import argparse
-import os
+import copy
+import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +44,8 @@ import torch
 
 from data_prep import CacheWriter, open_cache
 from pipeline.config import DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, resolve_method_defaults
-from pipeline.data import create_train_loader
+from pipeline.data import create_train_loader, normalize_on_device
+from pipeline.threads import apply_threads, plan_threads
 from pipeline.models import create_network, model_data_config
 from pipeline.registry import create_method
 
@@ -78,8 +86,9 @@ def _sync(device: torch.device) -> None:
 class Stepper:
     """One training step (forward return_all, method loss, backward, SGD step), optionally split and timed."""
 
-    def __init__(self, network, method, device, amp_dtype, channels_last):
+    def __init__(self, network, method, device, amp_dtype, channels_last, compiled=None):
         self.network, self.method, self.device = network, method, device
+        self.forward = compiled or network  # torch.compile'd module for the fast path, if any
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         self.opt = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
@@ -91,7 +100,7 @@ class Stepper:
 
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         with self._autocast():
-            out = self.network(self._prep(x), return_all=True)
+            out = self.forward(self._prep(x), return_all=True)
             loss = self.method(out, labels).total
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,11 +134,12 @@ class Stepper:
         return t
 
 
-def _endless(loader):
+def _endless(loader, set_epoch: bool = True):
     """Batches across epochs (the sampler's next epoch after each pass), as a training run sees them."""
     epoch = 0
     while True:
-        loader.sampler.set_epoch(epoch)
+        if set_epoch:
+            loader.sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
 
@@ -138,6 +148,31 @@ def view_major(x: torch.Tensor) -> torch.Tensor:
     """[B, V, 3, H, W] -> [V*B, 3, H, W], rows [0:B] view 0, [B:2B] view 1, ..."""
     b, v = x.shape[:2]
     return x.transpose(0, 1).reshape(v * b, *x.shape[2:])
+
+
+def _reference_rate(cache, network, method, device, size: int, batch: int, workers: int, steps: int, warmup: int,
+                    tmp: Path) -> float:
+    """(e): samples/s of the ProConDual/BCL-style loop (PIL + torchvision, fp32) with the same step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_datapath import ReferenceDataset, write_jpegs
+
+    files = write_jpegs(cache, tmp / "jpeg")
+    ds = ReferenceDataset(files, cache.labels, size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    net = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
+    ref = Stepper(net, method, device, None, False)
+    batches = _endless(loader, set_epoch=False)
+    for _ in range(warmup):
+        x, y = next(batches)
+        ref.step(view_major(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        ref.step(view_major(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -150,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 GPU, 2 CPU)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: all cores on GPU, 1 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default on CPU: cores - workers)")
+    parser.add_argument("--n-images", type=int, default=None, help="cache size (default max(8 x batch, 512))")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network for (a) and (b)")
+    parser.add_argument("--reference", action="store_true", help="also time the ProConDual-style fp32 PIL loop (e)")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu")
@@ -159,13 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batch = args.batch_size or (64 if gpu else 32)
     steps = args.steps or (100 if gpu else 6)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
-    cores = os.cpu_count() or 2
-    # GPU: every core feeds the loader. CPU: one worker, the other cores compute (sharing cores
-    # between workers and torch's OpenMP threads makes both crawl).
-    workers = args.workers if args.workers is not None else (cores if gpu else 1)
-    threads = args.threads or (None if gpu else max(1, cores - workers))
-    if threads:
-        torch.set_num_threads(threads)
+    # the training default (pipeline.threads): workers + torch threads within the cores
+    plan = plan_threads(args.threads, args.workers, device.type)
+    apply_threads(plan)
+    workers = plan.num_workers
     amp_dtype = torch.bfloat16 if gpu else None
     channels_last = gpu
     if gpu:
@@ -180,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     network.train()
     norm = model_data_config(network)
 
-    n_images = max(8 * batch, 512)
+    n_images = args.n_images or max(8 * batch, 512)
     short_side = int(round(size / 0.875))
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         t0 = time.perf_counter()
@@ -188,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         build_s = time.perf_counter() - t0
         counts = cache.class_counts("train")
         method = create_method(cfg.method, counts, feature_dim=network.feature_dim, proj_dim=network.proj_dim)
-        stepper = Stepper(network, method, device, amp_dtype, channels_last)
+        compiled = torch.compile(network) if args.compile else None
+        stepper = Stepper(network, method, device, amp_dtype, channels_last, compiled)
 
         # (a) model only: random tensors of the same shapes, resident on the device
         g = torch.Generator().manual_seed(0)
@@ -217,12 +254,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batches = _endless(loader)
         for _ in range(warmup):  # starts the workers and fills their prefetch queues
             x, y, _ = next(batches)
-            stepper.step(view_major(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            stepper.step(view_major(normalize_on_device(x.to(device, non_blocking=True), norm)), y.to(device, non_blocking=True))
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(full_steps):
             x, y, _ = next(batches)
-            stepper.step(view_major(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            stepper.step(view_major(normalize_on_device(x.to(device, non_blocking=True), norm)), y.to(device, non_blocking=True))
         _sync(device)
         full_s = time.perf_counter() - t0
 
@@ -234,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             next(batches)
         loader_s = time.perf_counter() - t0
         del batches, loader
+        ref_sps = None
+        if args.reference:
+            ref_sps = _reference_rate(cache, network, method, device, size, batch, workers, full_steps, warmup, Path(tmp))
 
     model_sps = steps * batch / model_s
     full_sps = full_steps * batch / full_s
@@ -242,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     share = part["loss"] / part["step"]
     print(f"device {device} ({torch.cuda.get_device_name(device) if gpu else f'{torch.get_num_threads()} threads'}), "
           f"backbone {backbone}, {size} px, batch {batch} x {n_views} views, amp {amp_dtype}, "
-          f"channels_last {channels_last}, workers {workers}, {steps}/{full_steps} timed steps model/full (+{warmup} warm-up)")
+          f"channels_last {channels_last}, compile {args.compile}, {plan.describe()}, "
+          f"{steps}/{full_steps} timed steps model/full (+{warmup} warm-up)")
     print(f"cache: {n_images} images at short side {short_side} built in {build_s:.1f} s")
     print(f"model only    : {model_sps:8.1f} samples/s  {model_sps * n_views:8.1f} views/s")
     print(f"full pipeline : {full_sps:8.1f} samples/s  {full_sps * n_views:8.1f} views/s")
@@ -250,7 +291,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"ratio full / model only: {ratio:.1%}  (target >= 85 %: {'met' if ratio >= 0.85 else 'NOT met'})")
     print("step parts (median, synchronised): " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in part.items()))
     print(f"ECL loss (forward + backward) share of a step: {share:.2%}  (target < 3 %: {'met' if share < 0.03 else 'NOT met'})")
-    return dict(model_samples_per_s=model_sps, full_samples_per_s=full_sps, loader_samples_per_s=loader_sps, ratio=ratio, loss_share=share, **{f"{k}_s": v for k, v in part.items()})
+    result = dict(model_samples_per_s=model_sps, full_samples_per_s=full_sps, loader_samples_per_s=loader_sps,
+                  ratio=ratio, loss_share=share, **{f"{k}_s": v for k, v in part.items()},
+                  device=str(device), device_name=torch.cuda.get_device_name(device) if gpu else "cpu",
+                  backbone=backbone, image_size=size, batch_size=batch, compile=bool(args.compile),
+                  amp=str(amp_dtype), channels_last=channels_last, workers=workers, torch_threads=plan.torch_threads)
+    if ref_sps is not None:
+        result.update(reference_samples_per_s=ref_sps, full_vs_reference=full_sps / ref_sps)
+        print(f"reference loop (PIL + torchvision, fp32): {ref_sps:8.1f} samples/s; full pipeline / reference: "
+              f"{full_sps / ref_sps:.2f}x  (target >= 3x: {'met' if full_sps / ref_sps >= 3 else 'NOT met'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     cache: str = Field("", description="prepared cache folder (from `ecl prepare`)")
     image_size: int = Field(224, ge=16)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | None = Field(None, ge=0, description="loader processes; None = auto from the cores and the device (pipeline.threads)")
     pin_memory: bool = True
     persistent_workers: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -134,6 +134,8 @@ class TrainConfig(_Section):
     compile: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = auto: $OMP_NUM_THREADS, else the cores left after the loader workers")
+    finite_check_every: int = Field(32, ge=1, description="steps between checks that the loss is finite (one host sync per check)")
     output_dir: str = "runs"
     run_name: str | None = None
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke tests)")

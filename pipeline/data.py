@@ -16,6 +16,10 @@ Why it looks like this:
   with `prepare.short_side` close to `image_size` is barely resampled.
 - Normalisation uses the backbone's own mean/std (`pipeline.models.model_data_config`), passed in
   as `norm`, so it cannot drift from the weights.
+- Speed (one core, 224 px, 3 views; benchmarks/bench_datapath.py): the crop comes first so all
+  colour work touches only the output pixels; colour jitter is one affine colour map in uint8
+  (`FastColorJitter`); training views stay uint8 until `normalize_on_device` turns them into
+  normalised float32 on the device (4x fewer bytes to collate, pin and copy).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from .samplers import EpochSampler, create_sampler
 
 __all__ = [
     "CacheDataset", "ViewTransform", "create_train_loader", "create_eval_loader", "eval_transform",
-    "train_transform", "sample_seeds", "EpochTaggedSampler",
+    "train_transform", "sample_seeds", "EpochTaggedSampler", "normalize_on_device", "FastColorJitter",
 ]
 
 _REFLECT = cv2.BORDER_REFLECT_101
@@ -60,6 +64,20 @@ def _mean_std(norm: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(mean, (3,)).copy(), np.broadcast_to(std, (3,)).copy()
 
 
+def normalize_on_device(x: Tensor, norm: dict[str, Any]) -> Tensor:
+    """uint8 images [..., 3, H, W] -> float32 `(x / 255 - mean) / std`, on x's device; float passes through.
+
+    Why: the training loader ships uint8 views (4x fewer bytes to collate, pin and copy) and the
+    device, where it is nearly free, does the float conversion and normalisation.
+    """
+    if x.dtype != torch.uint8:
+        return x
+    mean, std = _mean_std(norm)
+    scale = torch.as_tensor(1.0 / (255.0 * std), dtype=torch.float32, device=x.device).view(3, 1, 1)
+    shift = torch.as_tensor(mean / std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.float().mul_(scale).sub_(shift)
+
+
 def _flips(aug: AugmentConfig) -> list[A.BasicTransform]:
     out: list[A.BasicTransform] = []
     if aug.hflip:
@@ -67,6 +85,53 @@ def _flips(aug: AugmentConfig) -> list[A.BasicTransform]:
     if aug.vflip:
         out.append(A.VerticalFlip(p=0.5))
     return out
+
+
+# RGB -> YIQ (NTSC); the hue turn is a rotation of the (I, Q) chroma plane about the gray axis
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
+_YIQ_INV = np.linalg.inv(_YIQ)
+_GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+
+class FastColorJitter(A.ColorJitter):
+    """albumentations' ColorJitter (same parameters, same random draws and order), applied as one
+    affine colour map in uint8.
+
+    Why: brightness, contrast, saturation and hue are each an affine map of the RGB vector
+    (contrast about the image's mean gray, saturation towards the pixel's gray, hue a rotation of
+    the YIQ chroma plane), so the four compose, in the drawn order, into one 3x4 matrix that
+    `cv2.transform` applies in a single saturating pass over the (already cropped) view: no HSV
+    round trip, no float image. Measured 3-5x faster than the parent per view at 224 px.
+    Differences from the parent: hue turns in YIQ instead of OpenCV's HSV (the usual fast
+    approximation, as in NVIDIA DALI's colour twist) and clipping happens once at the end, not
+    after each of the four steps.
+    """
+
+    def apply(self, img: np.ndarray, brightness: float, contrast: float, saturation: float, hue: float,
+              order: list[int], **params: Any) -> np.ndarray:
+        if brightness == 1 and contrast == 1 and saturation == 1 and hue == 0:
+            return img
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            return super().apply(img, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                                 order=order, **params)
+        m, t = np.eye(3), np.zeros(3)
+        mean_rgb = np.asarray(cv2.mean(img)[:3], dtype=np.float64)
+        for i in order:
+            if i == 0 and brightness != 1:
+                m, t = brightness * m, brightness * t
+            elif i == 1 and contrast != 1:
+                gray_mean = float(_GRAY @ (m @ mean_rgb + t))
+                m, t = contrast * m, contrast * t + (1 - contrast) * gray_mean
+            elif i == 2 and saturation != 1:
+                s = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), _GRAY)
+                m, t = s @ m, s @ t
+            elif i == 3 and hue != 0:
+                # the minus sign turns hue the way HSV's hue channel does (red -> yellow -> green)
+                c, sn = np.cos(-2 * np.pi * hue), np.sin(-2 * np.pi * hue)
+                rot = np.array([[1, 0, 0], [0, c, -sn], [0, sn, c]])
+                h = _YIQ_INV @ rot @ _YIQ
+                m, t = h @ m, h @ t
+        return cv2.transform(img, np.hstack([m, t[:, None]]).astype(np.float32))
 
 
 def _strong_ops(magnitude: int) -> list[A.BasicTransform]:
@@ -84,9 +149,9 @@ def _strong_ops(magnitude: int) -> list[A.BasicTransform]:
         A.Affine(shear={"x": (0, 0), "y": (-17 * level, 17 * level)}, border_mode=_REFLECT, p=1.0),
         A.Affine(translate_percent={"x": (-0.3 * min(level, 1.5), 0.3 * min(level, 1.5)), "y": (0, 0)}, border_mode=_REFLECT, p=1.0),
         A.Affine(translate_percent={"x": (0, 0), "y": (-0.3 * min(level, 1.5), 0.3 * min(level, 1.5))}, border_mode=_REFLECT, p=1.0),
-        A.ColorJitter(brightness=(lo(enh), 1 + enh), contrast=(1, 1), saturation=(1, 1), hue=(0, 0), p=1.0),
-        A.ColorJitter(brightness=(1, 1), contrast=(lo(enh), 1 + enh), saturation=(1, 1), hue=(0, 0), p=1.0),
-        A.ColorJitter(brightness=(1, 1), contrast=(1, 1), saturation=(lo(enh), 1 + enh), hue=(0, 0), p=1.0),
+        FastColorJitter(brightness=(lo(enh), 1 + enh), contrast=(1, 1), saturation=(1, 1), hue=(0, 0), p=1.0),
+        FastColorJitter(brightness=(1, 1), contrast=(lo(enh), 1 + enh), saturation=(1, 1), hue=(0, 0), p=1.0),
+        FastColorJitter(brightness=(1, 1), contrast=(1, 1), saturation=(lo(enh), 1 + enh), hue=(0, 0), p=1.0),
         A.Sharpen(alpha=(0.0, min(1.0, enh)), lightness=(1.0, 1.0), p=1.0),
         A.Posterize(num_bits=(max(1, 8 - int(round(4 * min(level, 1.75)))), 8), p=1.0),
         A.Solarize(threshold_range=(max(0.05, 1.0 - level), 1.0), p=1.0),
@@ -115,7 +180,7 @@ def contrastive_view(data_cfg: DataConfig) -> A.Compose:
     cj = aug.color_jitter
     ops: list[Any] = [_crop(data_cfg.image_size, aug), *_flips(aug)]
     if cj > 0 and aug.color_jitter_p > 0:
-        ops.append(A.ColorJitter(brightness=(1 - cj, 1 + cj), contrast=(1 - cj, 1 + cj), saturation=(1 - cj, 1 + cj),
+        ops.append(FastColorJitter(brightness=(1 - cj, 1 + cj), contrast=(1 - cj, 1 + cj), saturation=(1 - cj, 1 + cj),
                                  hue=(-cj / 4, cj / 4), p=aug.color_jitter_p))
     if aug.grayscale_p > 0:
         ops.append(A.ToGray(num_output_channels=3, p=aug.grayscale_p))
@@ -129,25 +194,30 @@ def deterministic_view(data_cfg: DataConfig) -> A.Compose:
 
 
 class ViewTransform:
-    """uint8 HWC image -> normalised float32 tensor: [V, 3, H, W] (stacked views) or [3, H, W].
+    """uint8 HWC image -> views as a tensor: [V, 3, H, W] (stacked views) or [3, H, W].
 
     Args:
         views: one albumentations pipeline per view.
         norm: dict with backbone `mean` and `std` (model_data_config).
         stack: return [V, 3, H, W] even for one view (training); False returns [3, H, W] (one view).
+        normalize: True returns float32 `(x / 255 - mean) / std`; False returns the uint8 pixels
+            (the training loader: `normalize_on_device` finishes the job on the device, where it is
+            nearly free, and collating, pinning and copying move 4x fewer bytes).
 
     Calling with `seed=` makes the result a function of the seed; without it the pipelines draw
     from fresh entropy (only sensible for deterministic eval views).
     """
 
-    def __init__(self, views: Sequence[A.Compose], norm: dict[str, Any], stack: bool = True):
+    def __init__(self, views: Sequence[A.Compose], norm: dict[str, Any], stack: bool = True, normalize: bool = True):
         if not views:
             raise ValueError("at least one view is needed")
         if not stack and len(views) != 1:
             raise ValueError("stack=False needs exactly one view")
         self.views = list(views)
         self.mean, self.std = _mean_std(norm)
+        self.norm = {"mean": tuple(float(v) for v in self.mean), "std": tuple(float(v) for v in self.std)}
         self.stack = stack
+        self.normalize = normalize
         self._scale = (1.0 / (255.0 * self.std)).astype(np.float32)
         self._shift = (self.mean / self.std).astype(np.float32)
 
@@ -163,14 +233,19 @@ class ViewTransform:
     def __call__(self, image: np.ndarray, seed: int | None = None, epoch: int = 0, index: int = 0) -> Tensor:
         image = _as_rgb(image)
         seeds = sample_seeds(seed, epoch, index, 2 * len(self.views)) if seed is not None else None
-        tensors = []
+        images = []
         for v, compose in enumerate(self.views):
             if seeds is not None:
                 # One shared generator pair per view: set_random_seed would hand every op the same
                 # stream, coupling e.g. the horizontal and vertical flip decisions.
                 compose.set_random_state(np.random.default_rng(int(seeds[2 * v])), random.Random(int(seeds[2 * v + 1])))
-            tensors.append(self._to_tensor(compose(image=image)["image"]))
-        return torch.stack(tensors) if self.stack else tensors[0]
+            images.append(compose(image=image)["image"])
+        if self.normalize:
+            tensors = [self._to_tensor(img) for img in images]
+            return torch.stack(tensors) if self.stack else tensors[0]
+        # uint8: one copy from the views' HWC into a contiguous [V, 3, H, W]
+        out = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
+        return out if self.stack else out[0]
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -187,12 +262,16 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def train_transform(data_cfg: DataConfig, norm: dict[str, Any], n_views: int) -> ViewTransform:
-    """Training views: [strong] for 1 view, [strong, contrastive, contrastive, ...] for more."""
+def train_transform(data_cfg: DataConfig, norm: dict[str, Any], n_views: int, normalize: bool = False) -> ViewTransform:
+    """Training views: [strong] for 1 view, [strong, contrastive, contrastive, ...] for more.
+
+    uint8 [V, 3, H, W] by default (normalise with `normalize_on_device`); `normalize=True` gives
+    float32 normalised views.
+    """
     if n_views < 1:
         raise ValueError(f"n_views must be >= 1, got {n_views}")
     views = [strong_view(data_cfg)] + [contrastive_view(data_cfg) for _ in range(n_views - 1)]
-    return ViewTransform(views, norm, stack=True)
+    return ViewTransform(views, norm, stack=True, normalize=normalize)
 
 
 def eval_transform(data_cfg: DataConfig, norm: dict[str, Any]) -> ViewTransform:
@@ -275,7 +354,12 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _loader_kwargs(data_cfg: DataConfig) -> dict[str, Any]:
-    workers = int(data_cfg.num_workers)
+    workers = data_cfg.num_workers
+    if workers is None:  # auto; run_train resolves it with the run's device first (pipeline.threads)
+        from .threads import plan_threads
+
+        workers = plan_threads(None, None, "cuda" if torch.cuda.is_available() else "cpu").num_workers
+    workers = int(workers)
     kw: dict[str, Any] = dict(num_workers=workers, pin_memory=bool(data_cfg.pin_memory and torch.cuda.is_available()))
     if workers > 0:
         # The workers are the parallelism: OpenCV's own pool would only oversubscribe the cores.
@@ -289,8 +373,9 @@ def _loader_kwargs(data_cfg: DataConfig) -> dict[str, Any]:
 def create_train_loader(cache: Any, data_cfg: DataConfig, train_cfg: TrainConfig, n_views: int,
                         norm: dict[str, Any], seed: int | None = None, epoch: int = 0, dist: Any = None,
                         *, rank: int | None = None, world_size: int | None = None) -> DataLoader:
-    """Loader over the labelled training split yielding (x [B, V, 3, H, W] float32, labels [B] int64,
-    rows [B] int64), B = train.batch_size per process, last partial batch dropped.
+    """Loader over the labelled training split yielding (x [B, V, 3, H, W] uint8, labels [B] int64,
+    rows [B] int64), B = train.batch_size per process, last partial batch dropped. Normalise x on
+    the device with `normalize_on_device(x, norm)` (or `loader.dataset.transform_views.norm`).
 
     Args:
         cache: opened Cache.

@@ -33,6 +33,7 @@ class DemoResult:
     runs: dict[str, Any] = field(default_factory=dict)  # method -> TrainResult
     evals: dict[str, Any] = field(default_factory=dict)  # method -> EvalResult
     comparison: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (insertion order)
 
 
 def demo_config_path(modality: str) -> Path:
@@ -81,6 +82,12 @@ def _prepare(modality: str, cfg, paths: dict[str, Path], cache_dir: Path, seed: 
     if modality == "dermoscopy":
         return data_prep.prepare_isic2019(paths["images"], paths["ground_truth"], paths["metadata"], cache_dir, options)
     return data_prep.prepare_ct(paths["images"], paths["labels"], cache_dir, options)
+
+
+def stage_line(seconds: dict[str, float]) -> str:
+    """'seconds per stage: generate 1.2, prepare 0.8, ..., total 61.0': one line, so a regression shows itself."""
+    parts = [f"{name} {value:.1f}" for name, value in seconds.items()]
+    return "seconds per stage: " + ", ".join(parts + [f"total {sum(seconds.values()):.1f}"])
 
 
 def _headline(result: DemoResult, class_names: list[str]) -> str:
@@ -149,13 +156,22 @@ def run_demo(
     tracking_uri = resolve_tracking_uri(base_cfg.tracking.uri, out)
     result = DemoResult(out=out, tracking_uri=tracking_uri)
 
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        result.seconds[stage] = now - clock[0]
+        clock[0] = now
+
     _step(f"1/5 generating a synthetic {modality} cohort ({n} {'images' if modality == 'dermoscopy' else 'patients'})")
     paths = _generate(modality, out, n, seed)
+    lap("generate")
 
     _step("2/5 preparing the cache")
     cache_dir = _prepare(modality, base_cfg, paths, out / ("cache" if modality == "dermoscopy" else "cache-ct"), seed)
     cache = open_cache(cache_dir)
     class_names = cache.class_names
+    lap("prepare")
 
     for i, method in enumerate(_METHODS):
         _step(f"3/5 training {method.upper()} ({i + 1}/{len(_METHODS)})")
@@ -164,14 +180,17 @@ def run_demo(
             f"tracking.experiment=ecl-demo-{modality}", f"train.run_name={method}-{time.strftime('%Y%m%d-%H%M%S')}",
         ])
         result.runs[method] = run_train(cfg)
+        lap(f"train {method.upper()}")
 
     for method, run in result.runs.items():
         _step(f"4/5 evaluating {method.upper()} on the held-out test split")
         result.evals[method] = run_evaluate(str(run.run_dir), split="test", tracking_uri=tracking_uri)
+        lap(f"evaluate {method.upper()}")
 
     _step("5/5 comparing the runs")
     result.comparison = run_compare([str(r.run_dir) for r in result.runs.values()], tracking_uri=tracking_uri,
                                     out_dir=out / "comparison", split="test")
+    lap("compare")
 
     print("\n" + "=" * 72)
     print(f"ecl demo finished in {time.perf_counter() - t0:.0f} s ({modality}, {len(cache)} images, "
@@ -190,5 +209,6 @@ def run_demo(
         print(f"Browse them with:\n  mlflow ui --backend-store-uri {tracking_uri}")
     else:
         print(f"Tracking server: {tracking_uri}")
+    print(stage_line(result.seconds))
     sys.stdout.flush()
     return result

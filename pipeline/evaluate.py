@@ -488,6 +488,9 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     device = _device()
     tm = load_trained_model(ref, device=device, tracking_uri=tracking_uri)
     cfg = tm.config
+    from .threads import apply_threads, plan_threads
+
+    apply_threads(plan_threads(cfg.train.threads, cfg.data.num_workers, device))  # threads + workers <= cores
     state = load_checkpoint(tm.checkpoint_path)
     names = list(tm.class_names)
     n_boot = int(n_bootstrap if n_bootstrap is not None else cfg.eval.n_bootstrap)

@@ -39,17 +39,41 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+_ON_DEVICE: dict[tuple, Tensor] = {}
+
+
+def _device_constant(key: tuple, make) -> Tensor:
+    """A small constant tensor built once per (value, device, dtype) and reused every step.
+
+    Why: `tensor.to(cuda)` from host memory is a blocking copy that waits for the GPU's queue, so
+    building the class prior on the host each step synchronised the GPU once per step.
+    """
+    value = _ON_DEVICE.get(key)
+    if value is None:
+        if len(_ON_DEVICE) > 256:
+            _ON_DEVICE.clear()
+        value = _ON_DEVICE[key] = make()
+    return value
+
+
+def _host_counts(class_counts: CountsLike) -> np.ndarray:
+    if isinstance(class_counts, Tensor):
+        return class_counts.detach().cpu().double().numpy()
+    return np.asarray(class_counts, dtype=np.float64)
+
+
 def _counts_tensor(class_counts: CountsLike, like: Tensor) -> Tensor:
-    counts = torch.as_tensor(np.asarray(class_counts, dtype=np.float64) if not isinstance(class_counts, Tensor)
-                             else class_counts.detach().cpu().double())
+    counts = _host_counts(class_counts)
     if counts.ndim != 1:
         raise ValueError(f"class_counts must be one-dimensional [C]; got shape {tuple(counts.shape)}")
-    if counts.numel() != like.shape[-1]:
-        raise ValueError(f"class_counts has {counts.numel()} entries but the logits have {like.shape[-1]} classes")
-    if not bool(torch.all(counts > 0)):
-        missing = torch.nonzero(counts <= 0).flatten().tolist()
+    if counts.size != like.shape[-1]:
+        raise ValueError(f"class_counts has {counts.size} entries but the logits have {like.shape[-1]} classes")
+    if not bool(np.all(counts > 0)):
+        missing = np.flatnonzero(counts <= 0).tolist()
         raise ValueError(f"class_counts must be positive for every class; class index(es) {missing} have none")
-    return counts.to(device=like.device, dtype=_acc_dtype(like))
+    dtype = _acc_dtype(like)
+    return _device_constant(("counts", counts.tobytes(), str(like.device), dtype),
+                            lambda: torch.as_tensor(counts).to(device=like.device, dtype=dtype))
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -89,8 +113,9 @@ def class_weighted_cross_entropy(logits: Tensor, labels: Tensor, class_counts: C
     Args:
         logits: [B, C]. labels: [B]. class_counts: [C] training counts (all > 0).
     """
-    _counts_tensor(class_counts, logits)  # shape/positivity check with a clear message
-    weight = balanced_class_weights(class_counts).to(device=logits.device, dtype=_acc_dtype(logits))
+    counts = _counts_tensor(class_counts, logits)  # shape/positivity check with a clear message; cached on device
+    weight = _device_constant(("balanced", _host_counts(class_counts).tobytes(), str(logits.device), counts.dtype),
+                              lambda: balanced_class_weights(class_counts).to(device=logits.device, dtype=counts.dtype))
     return F.cross_entropy(logits.to(weight.dtype), labels, weight=weight)
 
 

@@ -138,6 +138,10 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tm = load_trained_model(model_ref, device=device, tracking_uri=tracking_uri)
     cfg = tm.config
+    from .threads import apply_threads, plan_threads
+
+    # predict decodes in this process (no loader workers): every core may compute, unless set
+    apply_threads(plan_threads(cfg.train.threads, 0, device))
     kind, short_side, color_constancy = preprocessing_of(tm)
     transform = eval_transform(cfg.data, model_data_config(tm.network))
     ids = _image_ids(files, Path(images))

@@ -12,8 +12,14 @@ resumed run reads its own saved config; of the config given on the command line 
 is ignored with a notice, because changing data, model or method half way would make the run a
 different experiment under the same name.
 
-A NaN or infinite loss stops training at once with a `PipelineError` naming the epoch, the step
-and the loss terms; the last good `checkpoint-last.pt` is left untouched.
+A NaN or infinite loss stops training with a `PipelineError` naming the epoch, the first bad step
+and the loss terms; the last good `checkpoint-last.pt` is left untouched. Why not at once: reading
+the loss on the host every step would stall a GPU's queue once per step, so the per-step loss
+values stay on the device and are read (and checked) every `train.finite_check_every` steps and at
+the epoch's end; the bad step is still named exactly.
+
+Threads: `train.threads` and `data.num_workers` (None = auto, `pipeline.threads`) keep torch's
+threads plus the loader processes within the cores, which decides CPU speed more than anything.
 
 Only rank 0 writes files, prints and talks to MLflow (through `pipeline.tracking`).
 """
@@ -42,6 +48,7 @@ from .checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint, save_ch
 from .config import RunConfig, flatten_config, load_config, public_config, save_config
 from .distributed import DistInfo, all_gather, all_reduce_mean, barrier, cleanup, init_distributed
 from .errors import ConfigError, PipelineError
+from .threads import ThreadPlan, apply_threads, available_cores, plan_threads
 
 __all__ = ["TrainResult", "run_train", "main", "cosine_with_warmup", "rng_state", "set_rng_state"]
 
@@ -309,6 +316,11 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
     dist = init_distributed(cfg.train.device)
     device = dist.device
     main_rank = dist.is_main
+    threads = _thread_plan(cfg, device)
+    apply_threads(threads)
+    # the resolved worker count drives the loaders; the saved config keeps the user's value (None =
+    # auto), so a resume on another machine plans for that machine
+    data_cfg = cfg.data.model_copy(update={"num_workers": threads.num_workers})
 
     def say(msg: str) -> None:
         if main_rank:
@@ -375,7 +387,7 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
 
     # one loader for the whole run (persistent workers survive epochs); `sampler.set_epoch(e)`
     # makes order and augmentation a function of (seed, epoch, rank) only, which resume relies on
-    train_loader = create_train_loader(cache, cfg.data, cfg.train, n_views=method.n_views, norm=norm,
+    train_loader = create_train_loader(cache, data_cfg, cfg.train, n_views=method.n_views, norm=norm,
                                        seed=cfg.train.seed, epoch=0, dist=dist)
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
@@ -384,7 +396,7 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     val_loader = None
     if main_rank and len(cache.split_indices("val")) > 0:
-        val_loader = create_eval_loader(cache, "val", cfg.data, norm, cfg.eval.batch_size)
+        val_loader = create_eval_loader(cache, "val", data_cfg, norm, cfg.eval.batch_size)
     elif main_rank:
         say("notice: the cache has no validation images; checkpoint-best.pt is the latest epoch")
 
@@ -414,7 +426,8 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
         "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "none", "device": str(device),
         "seed": cfg.train.seed, "ecl.method": cfg.method.name, "ecl.run_dir": str(run_dir.resolve()),
         "ecl.dataset_sha256": cache.dataset_sha256, "ecl.manifest_sha256": cache.manifest_sha256,
-        "world_size": dist.world_size,
+        "world_size": dist.world_size, "ecl.torch_threads": threads.torch_threads,
+        "ecl.num_workers": threads.num_workers,
     }
     if parent_run:
         tags["ecl.parent_run"] = parent_run
@@ -428,7 +441,8 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
                 tracking.log_params(flatten_config(cfg))
                 tracking.log_artifact(run_dir / "config.yaml")
             say(f"run {run_dir} (MLflow run {run_id}, {uri}); {len(class_names)} classes, train counts "
-                f"{dict(zip(class_names, counts.tolist()))}, device {device}, world size {dist.world_size}")
+                f"{dict(zip(class_names, counts.tolist()))}, device {device}, world size {dist.world_size}, "
+                f"{threads.describe()}")
 
         def checkpoint_state(epoch: int) -> dict[str, Any]:
             return {
@@ -444,7 +458,7 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.sampler.set_epoch(epoch)
             row = _train_epoch(model, method, train_loader, optimizer, scheduler, scaler, device, amp,
-                               channels_last, epoch, cfg, steps_per_epoch, len(class_names), dist)
+                               channels_last, epoch, cfg, steps_per_epoch, len(class_names), dist, norm)
             val_bacc = None
             if main_rank:
                 val_bacc = _validate(network, val_loader, device, amp, channels_last, len(class_names))
@@ -486,25 +500,86 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
     return TrainResult(run_dir=run_dir, run_id=run_id, best_checkpoint=run_dir / BEST, tracking_uri=uri)
 
 
+def _thread_plan(cfg: RunConfig, device: torch.device) -> ThreadPlan:
+    """`train.threads` / `data.num_workers` resolved for this process (torchrun: cores / local ranks)."""
+    import os
+
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return plan_threads(cfg.train.threads, cfg.data.num_workers, device.type, cores=max(1, available_cores() // local))
+
+
+class _LossLog:
+    """Per-step loss values kept on the device and read back every `every` steps.
+
+    Why: `.cpu()` on a CUDA tensor waits for every queued kernel, so reading the loss each step
+    stalls the GPU once per step. The values of a block of steps are stacked, averaged over ranks
+    in one collective, copied to the host in one go and checked; the first non-finite step of the
+    block is named exactly as a per-step check would name it.
+    """
+
+    def __init__(self, every: int, epoch: int, on_error):
+        self.every, self.epoch, self.on_error = int(every), epoch, on_error
+        self.pending: list[Tensor] = []
+        self.keys: list[str] | None = None
+        self.first_step = 0  # 0-based step index of pending[0]
+        self.sums: dict[str, float] = {}
+
+    def add(self, step: int, loss: Any) -> None:
+        keys = sorted(loss.terms)
+        if self.keys is not None and keys != self.keys:
+            self.flush()
+        if not self.pending:
+            self.keys, self.first_step = keys, step
+        self.pending.append(torch.stack([loss.total.detach().float()] + [loss.terms[k].detach().float() for k in keys]))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = all_reduce_mean(torch.stack(self.pending)).cpu()  # the one host sync per block
+        self.pending = []
+        names = ["total"] + list(self.keys or [])
+        finite = torch.isfinite(values).all(dim=1)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0, 0])
+            row = values[i].tolist()
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, row))
+            bad = [k for k, v in zip(names, row) if not math.isfinite(v)]
+            self.on_error()
+            raise PipelineError(f"non-finite loss at epoch {self.epoch + 1}, step {self.first_step + i + 1} (terms: {detail}; "
+                                f"non-finite: {', '.join(bad)}); the last good checkpoint is kept. "
+                                f"Lower train.lr, set train.grad_clip, or use train.amp=bf16/none")
+        for k, v in zip(["loss"] + names[1:], values.double().sum(0).tolist()):
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+
 def _train_epoch(model, method, loader, optimizer, scheduler, scaler, device: torch.device,
                  amp: torch.dtype | None, channels_last: bool, epoch: int, cfg: RunConfig, max_steps: int,
-                 n_classes: int, dist: DistInfo) -> dict[str, Any]:
-    """One pass over this epoch's loader; returns the epoch's metrics row (rank-averaged)."""
+                 n_classes: int, dist: DistInfo, norm: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One pass over this epoch's loader; returns the epoch's metrics row (rank-averaged).
+
+    The loader's uint8 views are normalised here, on the device (`normalize_on_device`).
+    """
     from tqdm.auto import tqdm
+
+    from .data import normalize_on_device
 
     model.train()
     weights = method.weights()
-    sums: dict[str, float] = {}
     preds, labels_seen = [], []
     n_images, steps = 0, 0
     bar = tqdm(total=max_steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not dist.is_main,
                mininterval=2.0, leave=False, dynamic_ncols=True)
+    log = _LossLog(cfg.train.finite_check_every, epoch, on_error=bar.close)
     t0 = time.perf_counter()
     for x, y, _ in loader:
         if steps >= max_steps:
             break
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if norm is not None:
+            x = normalize_on_device(x, norm)
         b = y.shape[0]
         x = _stack_views(x, method.n_views)
         if channels_last:
@@ -512,16 +587,7 @@ def _train_epoch(model, method, loader, optimizer, scheduler, scaler, device: to
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(x, return_all=True)
             loss = method(out, y)
-        keys = sorted(loss.terms)
-        logged = all_reduce_mean(torch.stack([loss.total.detach().float()] + [loss.terms[k].detach().float() for k in keys]))
-        values = logged.cpu().tolist()
-        if not all(math.isfinite(v) for v in values):
-            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(["total"] + keys, values))
-            bad = [k for k, v in zip(["total"] + keys, values) if not math.isfinite(v)]
-            bar.close()
-            raise PipelineError(f"non-finite loss at epoch {epoch + 1}, step {steps + 1} (terms: {detail}; "
-                                f"non-finite: {', '.join(bad)}); the last good checkpoint is kept. "
-                                f"Lower train.lr, set train.grad_clip, or use train.amp=bf16/none")
+        log.add(steps, loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss.total).backward()
         if cfg.train.grad_clip:
@@ -530,15 +596,15 @@ def _train_epoch(model, method, loader, optimizer, scheduler, scaler, device: to
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        for k, v in zip(["loss"] + keys, values):
-            sums[k] = sums.get(k, 0.0) + v
         preds.append(out["logits"][:b].detach().argmax(1))
         labels_seen.append(y)
         n_images += b
         steps += 1
         bar.update(1)
+    log.flush()
     bar.close()
     seconds = time.perf_counter() - t0
+    sums = log.sums
     method.end_epoch(epoch)
     pred = all_gather(torch.cat(preds)).cpu().numpy() if preds else np.zeros(0, np.int64)
     lab = all_gather(torch.cat(labels_seen)).cpu().numpy() if labels_seen else np.zeros(0, np.int64)

@@ -41,6 +41,19 @@ def test_demo_logs_params_metrics_and_report_to_mlflow(demo):
         assert "report/report.html" in names
 
 
+def test_demo_ends_with_seconds_per_stage(demo, capsys):
+    stages = list(demo.seconds)
+    assert stages == ["generate", "prepare", "train ECL", "train CE", "evaluate ECL", "evaluate CE", "compare"]
+    assert all(v >= 0 for v in demo.seconds.values())
+
+
+def test_stage_line_sums_the_stages():
+    from pipeline.demo import stage_line
+
+    line = stage_line({"generate": 1.25, "train ECL": 30.0, "compare": 2.0})
+    assert line == "seconds per stage: generate 1.2, train ECL 30.0, compare 2.0, total 33.2"
+
+
 def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
     again = run_demo(out=demo.out, n_images=240, epochs=1, seed=0)
     out = capsys.readouterr().out
@@ -50,6 +63,7 @@ def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
     # evaluate's and compare's own tables: headline with CI, operating points, ECE before/after, selective
     assert "sens@spec90" in out and "ECE before scaling" in out and "at 80% coverage" in out
     assert "Runs (test split; paired bootstrap vs" in out and "Model cards" in out
+    assert out.rstrip().splitlines()[-1].startswith("seconds per stage: generate ")
 
 
 def test_demo_headline_prints_na_for_missing_or_nan_values():

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from pipeline.config import AugmentConfig, DataConfig, TrainConfig
-from pipeline.data import CacheDataset, create_eval_loader, create_train_loader, eval_transform, train_transform
+from pipeline.data import (
+    CacheDataset, FastColorJitter, create_eval_loader, create_train_loader, eval_transform, normalize_on_device,
+    train_transform,
+)
 from pipeline.errors import ConfigError, PipelineError
 
 NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -30,7 +33,7 @@ def test_train_loader_shapes_and_dtypes(tiny_cache):
     batches = _epoch(loader)
     assert len(batches) == len(loader) == 48 // 8
     x, y, idx = batches[0]
-    assert x.shape == (8, 3, 3, SIZE, SIZE) and x.dtype == torch.float32
+    assert x.shape == (8, 3, 3, SIZE, SIZE) and x.dtype == torch.uint8  # normalised on the device
     assert y.dtype == torch.int64 and idx.dtype == torch.int64 and y.shape == idx.shape == (8,)
     # labels and rows agree with the cache; rows come from the train split
     train_rows = set(tiny_cache.split_indices("train").tolist())
@@ -112,9 +115,10 @@ def test_grayscale_and_flip_settings_respected(tiny_cache):
     rows = tiny_cache.split_indices("train")[:2]
     cfg = _data_cfg(grayscale_p=1.0, color_jitter_p=0.0, strong_ops=0)
     x = CacheDataset(tiny_cache, rows, train_transform(cfg, dict(mean=(0.0,), std=(1.0,)), 3), seed=0)[0][0]
+    x = x.float()
     for v in (1, 2):
-        assert torch.allclose(x[v, 0], x[v, 1], atol=1 / 255) and torch.allclose(x[v, 1], x[v, 2], atol=1 / 255)
-    assert not torch.allclose(x[0, 0], x[0, 2], atol=1 / 255)
+        assert torch.allclose(x[v, 0], x[v, 1], atol=1) and torch.allclose(x[v, 1], x[v, 2], atol=1)
+    assert not torch.allclose(x[0, 0], x[0, 2], atol=1)
 
 
 def test_sampler_in_loader_is_config_kind(tiny_cache):
@@ -140,3 +144,58 @@ def test_batch_larger_than_train_split_raises(tiny_cache):
 def test_unknown_eval_split_raises(tiny_cache):
     with pytest.raises(ConfigError, match="eval.split: 'valid' is not allowed"):
         create_eval_loader(tiny_cache, "valid", _data_cfg(), NORM, batch_size=4)
+
+
+def test_uint8_train_views_normalised_on_device_equal_the_float_path(tiny_cache):
+    """uint8 views + normalize_on_device == the same views normalised on the CPU (same seed)."""
+    rows = tiny_cache.split_indices("train")[:3]
+    u8 = CacheDataset(tiny_cache, rows, train_transform(_data_cfg(), NORM, 3), seed=4)
+    f32 = CacheDataset(tiny_cache, rows, train_transform(_data_cfg(), NORM, 3, normalize=True), seed=4)
+    for i in range(len(rows)):
+        a, b = u8[(1, i)][0], f32[(1, i)][0]
+        assert a.dtype == torch.uint8 and b.dtype == torch.float32
+        expected = (a.double() / 255 - torch.tensor(NORM["mean"]).view(3, 1, 1)) / torch.tensor(NORM["std"]).view(3, 1, 1)
+        torch.testing.assert_close(normalize_on_device(a, NORM), expected.float(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(normalize_on_device(a, NORM), b, rtol=0, atol=1e-5)
+    float_in = torch.randn(2, 3, 4, 4)
+    assert normalize_on_device(float_in, NORM) is float_in  # already normalised: passed through
+
+
+def _jitter_params(**kw):
+    p = dict(brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0, order=[0, 1, 2, 3])
+    p.update(kw)
+    return p
+
+
+def test_fast_color_jitter_matches_albumentations_for_brightness_contrast_saturation():
+    """Each of brightness, contrast and saturation equals the reference ColorJitter within rounding;
+    the composed map in a drawn order equals applying the reference ops in that order (no clipping)."""
+    import albumentations as A
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(70, 180, (40, 50, 3), dtype=np.uint8)  # mid-range: no clipping in either path
+    ref, fast = A.ColorJitter(p=1.0), FastColorJitter(p=1.0)
+    for kw in (dict(brightness=1.2), dict(contrast=0.7), dict(saturation=1.3),
+               dict(brightness=0.9, contrast=1.1, saturation=0.8, order=[2, 1, 0, 3])):
+        a = ref.apply(img, **_jitter_params(**kw)).astype(int)
+        b = fast.apply(img, **_jitter_params(**kw)).astype(int)
+        assert np.abs(a - b).max() <= 2, kw
+    # by hand: contrast c about the mean gray m (ITU-R 601 weights)
+    gray = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    by_hand = np.clip(np.round(0.5 * img + 0.5 * gray.mean()), 0, 255)
+    assert np.abs(fast.apply(img, **_jitter_params(contrast=0.5)).astype(int) - by_hand).max() <= 1
+
+
+def test_fast_color_jitter_hue_turns_like_hsv_and_keeps_gray():
+    """Hue turns red towards yellow for positive shifts (HSV convention) and leaves gray pixels alone."""
+    import cv2
+
+    fast = FastColorJitter(p=1.0)
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:2] = (200, 40, 40)  # red
+    img[2:] = (120, 120, 120)  # gray
+    out = fast.apply(img, **_jitter_params(hue=0.08)).astype(int)
+    assert np.abs(out[2:] - 120).max() <= 1
+    h_in = cv2.cvtColor(img[:1, :1], cv2.COLOR_RGB2HSV_FULL)[0, 0, 0]
+    h_out = cv2.cvtColor(out[:1, :1].astype(np.uint8), cv2.COLOR_RGB2HSV_FULL)[0, 0, 0]
+    assert 0 < int(h_out) - int(h_in) < 40  # turned towards yellow by roughly 0.08 * 256 = 20

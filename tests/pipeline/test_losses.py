@@ -278,3 +278,16 @@ def test_logit_adjusted_ce_tau_zero_equals_cross_entropy():
     logits, y = torch.randn(10, 3, generator=g), torch.randint(0, 3, (10,), generator=g)
     assert losses.logit_adjusted_cross_entropy(logits, y, [100, 10, 1], tau=0.0).item() == pytest.approx(
         F.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_class_prior_is_built_once_per_device_not_every_step():
+    """The counts tensor is cached per (counts, device, dtype): no host-to-device copy (a GPU sync) per step."""
+    from pipeline.losses import _counts_tensor
+
+    logits = torch.zeros(2, 3)
+    a = _counts_tensor(np.array([5.0, 3.0, 2.0]), logits)
+    assert _counts_tensor(np.array([5, 3, 2]), logits) is a
+    assert _counts_tensor(np.array([5.0, 3.0, 1.0]), logits) is not a
+    assert _counts_tensor(np.array([5.0, 3.0, 2.0]), logits.double()).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"class index\(es\) \[2\] have none"):
+        _counts_tensor(np.array([5.0, 3.0, 0.0]), logits)

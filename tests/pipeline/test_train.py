@@ -246,6 +246,51 @@ def test_nonfinite_loss_stops_naming_epoch_step_and_term(work, cache, monkeypatc
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+def test_nonfinite_loss_is_checked_every_n_steps_and_names_the_first_bad_step(work, cache, monkeypatch):
+    """No per-step host sync: the poisoned step 3 is found at the check after step 5, and named."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    calls = []
+
+    def poison(result):
+        calls.append(1)
+        terms = dict(result.terms, lc=result.terms["lc"] * float("inf"))
+        return type(result)(total=result.total + terms["lc"], terms=terms)
+
+    import pipeline.registry as registry
+
+    real = registry.create_method
+    faulty = []
+    monkeypatch.setattr(registry, "create_method", lambda *a, **k: faulty.append(_Faulty(real(*a, **k), 3, poison)) or faulty[-1])
+    with pytest.raises(PipelineError) as err:
+        run_train(tiny_cfg(cache, work / "runs", "nan-deferred", "train.batch_size=2", "train.max_steps_per_epoch=7",
+                           "train.finite_check_every=5", "train.epochs=1"))
+    msg = str(err.value)
+    assert "epoch 1, step 3 " in msg and "non-finite: total, lc" in msg, msg
+    assert calls == [1] and faulty[-1].calls == 5  # training went on to step 5, where the block was checked
+    assert not (work / "runs" / "nan-deferred" / LAST).exists()  # no epoch finished: nothing written
+
+
+def test_fixed_seed_and_thread_count_give_identical_weights(work, cache, monkeypatch):
+    """Two runs with the same seed and train.threads end with bit-identical weights (and use those threads)."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    before = torch.get_num_threads()
+    try:
+        runs = [run_train(tiny_cfg(cache, work / "runs", f"threads-{i}", "train.epochs=2", "train.threads=2"))
+                for i in range(2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    a, b = (load_checkpoint(r.run_dir / LAST)["model"] for r in runs)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tags = tracking.get_run(runs[0].tracking_uri, runs[0].run_id).data.tags
+    assert tags["ecl.torch_threads"] == "2" and tags["ecl.num_workers"] == "0"
+
+
 def test_missing_cache_is_one_line_error(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         run_train(tiny_cfg(tmp_path / "nope", tmp_path / "runs", "x"))
@@ -420,3 +465,68 @@ def test_disk_full_while_training_is_one_line_and_the_mlflow_run_is_failed(cache
         filter_string="attributes.run_name = 'full-disk'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not [p for p in (tmp_path / "runs" / "full-disk").iterdir() if p.name.endswith(".ecl-tmp")]
+
+
+# ------------------------------------------------------------------------------------ GPU (benchmarks/gpu_check.sh)
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@_CUDA
+def test_cuda_training_with_bf16_channels_last_and_compile(work, cache, monkeypatch):
+    """The GPU recipe end to end on a tiny run: bf16 autocast, channels_last, torch.compile."""
+    import pipeline.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
+    run = run_train(tiny_cfg(cache, work / "runs", "cuda", "train.device=cuda", "train.epochs=1", "train.amp=bf16",
+                             "train.channels_last=true", "train.compile=true"))
+    metrics = pd.read_csv(run.run_dir / "metrics.csv")
+    assert np.isfinite(metrics[["train/loss", "train/loss/lc", "train/loss/bc", "train/loss/cc"]].to_numpy()).all()
+    state = load_checkpoint(run.run_dir / LAST)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+@_CUDA
+def test_ecl_training_steps_never_synchronise_the_gpu(cache):
+    """Forward, ECL loss, backward, clipping, SGD and the deferred finite check queue work without a
+    host sync between checks (torch's sync debug mode turns any sync into an error)."""
+    from data_prep import open_cache
+    from pipeline.data import normalize_on_device
+    from pipeline.models import create_network, model_data_config
+    from pipeline.registry import create_method
+    from pipeline.train import _LossLog, _stack_views
+
+    cfg = tiny_cfg(cache, Path("unused"), "sync")
+    c = open_cache(cache)
+    counts = c.class_counts("train")
+    net = create_network(cfg.model, len(c.class_names), proj_head=True).cuda().to(memory_format=torch.channels_last)
+    method = create_method(cfg.method, counts, feature_dim=net.feature_dim, proj_dim=net.proj_dim)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    norm = model_data_config(net)
+    x = torch.randint(0, 256, (6, 3, 3, 32, 32), dtype=torch.uint8).pin_memory()
+    y = torch.as_tensor(np.resize(np.arange(len(c.class_names)), 6)).pin_memory()
+    log = _LossLog(every=1000, epoch=0, on_error=lambda: None)
+
+    def step(i: int) -> None:
+        xb = _stack_views(normalize_on_device(x.to("cuda", non_blocking=True), norm), 3)
+        xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = y.to("cuda", non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = method(net(xb, return_all=True), yb)
+        log.add(i, loss)
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+
+    step(0)  # first call: cuDNN/cuBLAS set-up and the cached class prior may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 4):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    log.flush()
+    assert set(log.sums) >= {"loss", "lc", "bc", "cc"} and all(math.isfinite(v) for v in log.sums.values())
