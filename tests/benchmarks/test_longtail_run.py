@@ -69,7 +69,7 @@ def test_stale_keys_flags_a_run_trained_under_other_settings(tmp_path: Path):
     save_config(load_config(config, overrides=sets[1::2]), tmp_path / "config.yaml")
     assert stale_keys(tmp_path, config, sets) == {}
     changed = sets + ["--set", "method.loss_weight_normalisation=none"]
-    assert stale_keys(tmp_path, config, changed) == {"method.loss_weight_normalisation": ("first_epoch", "none")}
+    assert stale_keys(tmp_path, config, changed) == {"method.loss_weight_normalisation": ("first_epoch_lc", "none")}
     assert stale_keys(tmp_path / "absent", config, changed) == {}  # nothing trained yet
 
 

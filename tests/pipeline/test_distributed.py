@@ -159,6 +159,8 @@ def test_init_distributed_missing_rank_env_raises(monkeypatch):
 def test_first_epoch_normalisation_averages_term_means_over_ranks(two_ranks):
     seen = [t for r in two_ranks for t in r["method"]["seen"]]
     assert seen[0]["lc"] != seen[2]["lc"]  # ranks saw different data
-    want = {k: base / np.mean([t[k] for t in seen]) for k, base in {"lc": 0.7, "bc": 0.3, "cc": 0.5}.items()}
+    mean = {k: np.mean([t[k] for t in seen]) for k in ("lc", "bc", "cc")}
+    # ECL's default anchored normalisation: lc stays at 1, the others get base shares relative to it
+    want = {"lc": 1.0, "bc": (0.3 / 0.7) * mean["lc"] / mean["bc"], "cc": (0.5 / 0.7) * mean["lc"] / mean["cc"]}
     for r in two_ranks:
         assert r["method"]["weights"] == pytest.approx(want, rel=1e-9)

@@ -100,7 +100,7 @@ def test_ecl_gamma_zero_drops_alignment_term():
 
 
 def test_ecl_first_epoch_normalisation_sets_base_over_mean():
-    method = create_method(_cfg("ecl"), COUNTS)
+    method = create_method(_cfg("ecl", loss_weight_normalisation="first_epoch"), COUNTS)
     assert method.weights() == {"lc": 1.0, "bc": 1.0, "cc": 1.0}
     seen = {"lc": [], "bc": [], "cc": []}
     for seed in range(3):
@@ -148,7 +148,7 @@ def test_first_epoch_lc_needs_an_lc_term():
 
 
 def test_method_state_round_trip_through_weights_only_load():
-    cfg = _cfg("ecl")
+    cfg = _cfg("ecl", loss_weight_normalisation="first_epoch")
     first = create_method(cfg, COUNTS)
     first(*_out(3, seed=0))
     mid_epoch = first.state_dict()  # a checkpoint taken inside epoch 0
