@@ -161,9 +161,11 @@ def _resume_config(cfg: RunConfig, saved: RunConfig) -> tuple[RunConfig, list[st
 def _new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.train.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.output_dir) / name
-    if (run_dir / LAST).exists() or (run_dir / "config.yaml").exists():
+    if (run_dir / LAST).exists():
         raise PipelineError(f"run folder {run_dir} already holds a run: continue it with `ecl train --resume {run_dir}` "
                             f"or choose another train.run_name")
+    # A folder with a config but no checkpoint is a run stopped before its first epoch ended: nothing can
+    # be resumed from it, so the same command starts it again (its config.yaml is rewritten).
     return run_dir
 
 

@@ -226,6 +226,20 @@ def test_new_run_refuses_an_existing_run_folder(full_run, work, cache):
         run_train(tiny_cfg(cache, work / "runs", "full"))
 
 
+def test_a_run_killed_before_its_first_checkpoint_can_be_run_again(work, cache):
+    """config.yaml written, no checkpoint (killed in epoch 0): the same command starts it afresh."""
+    from pipeline.config import save_config
+
+    cfg = tiny_cfg(cache, work / "runs", "killed-early", "train.epochs=1")
+    run_dir = work / "runs" / "killed-early"
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    with pytest.raises(PipelineError, match="never finished an epoch"):
+        run_train(cfg, resume=str(run_dir))
+    result = run_train(cfg)
+    assert result.run_dir == run_dir and (run_dir / LAST).is_file()
+
+
 # ------------------------------------------------------------------------------------ failures
 def test_nonfinite_loss_stops_naming_epoch_step_and_term(work, cache, monkeypatch):
     import pipeline.train as train_mod
