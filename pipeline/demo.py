@@ -90,6 +90,14 @@ def stage_line(seconds: dict[str, float]) -> str:
     return "seconds per stage: " + ", ".join(parts + [f"total {sum(seconds.values()):.1f}"])
 
 
+# What one demo run can and cannot show (issue 10): the intervals in the reports resample test images
+# of one training run; another seed moves the numbers by more than that (docs/benchmarks.md).
+ONE_SEED_CAVEAT = (
+    "One training seed per method: the reports' intervals cover test-image noise only, and another\n"
+    "seed moves these numbers by more than that. Compare methods over seeds (docs/benchmarks.md:\n"
+    "`python -m benchmarks.longtail.run`, then `ecl compare RUN_DIRS --group-by method`).")
+
+
 def _headline(result: DemoResult, class_names: list[str]) -> str:
     from .report import fmt_number  # the reports' rule: None or NaN is "n/a", never "nan" or 0
 
@@ -204,6 +212,7 @@ def run_demo(
         print(f"  {method.upper():4s} {Path(ev.out_dir) / 'model_card.md'}")
     print("\nHeadline (test split):")
     print(_headline(result, class_names))
+    print(ONE_SEED_CAVEAT)
     print("\nMLflow runs:", ", ".join(f"{m.upper()}={r.run_id}" for m, r in result.runs.items()))
     if tracking_uri.startswith("sqlite:"):
         print(f"Browse them with:\n  mlflow ui --backend-store-uri {tracking_uri}")

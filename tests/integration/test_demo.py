@@ -64,6 +64,9 @@ def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
     assert "sens@spec90" in out and "ECE before scaling" in out and "at 80% coverage" in out
     assert "Runs (test split; paired bootstrap vs" in out and "Model cards" in out
     assert out.rstrip().splitlines()[-1].startswith("seconds per stage: generate ")
+    from pipeline.demo import ONE_SEED_CAVEAT
+
+    assert ONE_SEED_CAVEAT in out  # the headline says what one seed can and cannot show
 
 
 def test_demo_headline_prints_na_for_missing_or_nan_values():
