@@ -227,6 +227,11 @@ class _Namer:
         for p in files:
             self._by_folder[p.parent].append(p)
         n = len(files)
+        # folders between root and the files first (a PACS export's patient folder carries a name and an
+        # MRN); series folders are named again, better, by add_series
+        folders = {parent for p in files for parent in p.parents if parent != root and root in parent.parents}
+        for folder in folders:
+            self.add(folder, "a folder under --images")
         for i, p in enumerate(files, start=1):
             self.add(p, f"input file {i} of {n}")
 
@@ -239,7 +244,7 @@ class _Namer:
             keys.add(rel.as_posix())
             keys.add(str(self._resolved_root / rel))  # the absolute spelling, without a resolve() per file
         for k in keys:
-            if k and k not in (".", str(self.root)):
+            if k and k not in (".", str(self.root), str(self._resolved_root)):
                 self._map[k] = label
         self._keys = None
 
@@ -462,6 +467,11 @@ def _run_shard(job: tuple[int, list[_Task], dict[str, Any]]) -> tuple[int, list[
         except DataPrepError as err:
             failures.append({"file": _rel(err.path, Path(options["root"])), "series": t.series, "reason": str(err)})
             continue
+        except Exception as exc:  # noqa: BLE001 - a reader's own error (SimpleITK, numpy) quotes paths: report it
+            # as this series' fault, so its text goes through the parent's _Namer like every other message
+            failures.append({"file": "", "series": t.series,
+                             "reason": f"{t.name}: cutting the series failed ({type(exc).__name__}: {exc})"})
+            continue
         images.extend(got)
         names.extend(img for img, *_ in t.images)
     return k, images, names, failures
@@ -508,6 +518,11 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
         return _prepare(images_dir, labels_csv, out_dir, options, salt, labels, class_names, nifti, writer, faults)
     except DataPrepError as err:
         raise namer.error(err) from None
+    except OSError as exc:  # a machine fault (disk full, permissions): keep its errno, rename its file
+        raise OSError(exc.errno, namer(exc.strerror), namer(str(exc.filename)) if exc.filename else None) from None
+    except Exception as exc:  # noqa: BLE001 - any other text may quote input paths: never let it out unrenamed
+        raise DataPrepError(namer(f"preparing the CT cohort failed unexpectedly ({type(exc).__name__}: {exc}). This is "
+                                  f"probably a bug: report it with this message, which names no input path.")) from None
 
 
 def _prepare(images_dir: Path, labels_csv: Path, out_dir: Path, options: PrepareOptions, salt: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,46 +93,67 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         torch.save(state, fh)
 
 
-def write_calibration(folder: str | Path, temperature: float, fitted_on: str = "") -> Path:
+def write_calibration(folder: str | Path, temperature: float, fitted_on: str = "",
+                      checkpoint: str | Path | None = None) -> Path:
     """Store a fitted temperature as `<folder>/calibration.json` (atomically); returns its path.
 
     Why not in the checkpoint: evaluation must never rewrite a trained checkpoint (a shared,
     read-only model store; `train --resume` would see a changed file and log the model again),
-    and a small JSON file travels as an MLflow artifact to wherever the model is used.
+    and a small JSON file travels as an MLflow artifact to wherever the model is used. The
+    checkpoint's sha256 is recorded so that a temperature fitted for older weights (the run was
+    resumed and a new best checkpoint written since) is never applied to newer ones.
 
     Raises:
         PipelineError: the temperature is not a positive finite number.
     """
     import json
 
-    from data_prep import atomic_write_text
+    from data_prep import atomic_write_text, file_sha256
 
-    t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise PipelineError(f"temperature must be a positive finite number; got {temperature!r}")
+    t = _checked_temperature(temperature)
     path = Path(folder) / CALIBRATION
-    atomic_write_text(path, json.dumps({"temperature": t, "fitted_on": fitted_on}, indent=2) + "\n")
+    record = {"temperature": t, "fitted_on": fitted_on,
+              "checkpoint_sha256": file_sha256(checkpoint) if checkpoint is not None else None}
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
 
-def read_calibration(folder: str | Path) -> float | None:
+def _checked_temperature(temperature: Any) -> float:
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise PipelineError(f"temperature must be a positive finite number; got {temperature!r}")
+    return t
+
+
+def read_calibration(folder: str | Path, checkpoint: str | Path | None = None) -> float | None:
     """The temperature in `<folder>/calibration.json`, or None when there is none.
+
+    With ``checkpoint``, a file fitted for another checkpoint (its recorded sha256 differs) counts
+    as none, with a warning on stderr: the weights changed since `ecl evaluate` fitted it.
 
     Raises:
         PipelineError: the file exists but is damaged (it would otherwise silently mean T = 1).
     """
     import json
 
+    from data_prep import file_sha256
+
     path = Path(folder) / CALIBRATION
     if not path.is_file():
         return None
     try:
-        t = float(json.loads(path.read_text(encoding="utf-8"))["temperature"])
+        record = json.loads(path.read_text(encoding="utf-8"))
+        t = float(record["temperature"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PipelineError(f"{path} is damaged ({type(exc).__name__}); re-run `ecl evaluate` on the run to fit "
                             f"the temperature again, or delete the file to predict uncalibrated (T = 1)") from None
     if not math.isfinite(t) or t <= 0:
         raise PipelineError(f"{path}: temperature {t} is not a positive finite number; re-run `ecl evaluate`")
+    fitted_for = record.get("checkpoint_sha256") if isinstance(record, dict) else None
+    if checkpoint is not None and fitted_for and fitted_for != file_sha256(checkpoint):
+        print(f"warning: {path} was fitted for an earlier {Path(checkpoint).name} (the run trained on since); "
+              f"predictions are uncalibrated (T = 1) until `ecl evaluate` is run again", file=sys.stderr)
+        return None
     return t
 
 
@@ -255,7 +277,7 @@ def load_trained_model(ref: str | Path, device: str | torch.device = "cpu", trac
     network.to(device).eval()
     run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
     # calibration.json beside the checkpoint (written by `ecl evaluate`); older runs kept T in the checkpoint
-    temperature = read_calibration(path.parent)
+    temperature = read_calibration(path.parent, checkpoint=path)
     return TrainedModel(
         network=network,
         config=cfg,
@@ -275,9 +297,7 @@ def set_temperature(checkpoint_path: str | Path, temperature: float) -> None:
     Raises:
         PipelineError: the temperature is not a positive finite number, or the file is unreadable.
     """
-    t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise PipelineError(f"temperature must be a positive finite number; got {temperature!r}")
+    t = _checked_temperature(temperature)
     state = load_checkpoint(checkpoint_path)
     state["temperature"] = t
     save_checkpoint(checkpoint_path, state)

@@ -27,6 +27,7 @@ the report, and is never logged to MLflow (no fake 0 or NaN).
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
 import subprocess
@@ -534,8 +535,10 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
             warn.append("No labelled validation images: temperature scaling was skipped (T = 1).")
         # beside the checkpoint, never inside it: evaluation does not rewrite a trained model
         try:
-            write_calibration(tm.checkpoint_path.parent, temperature, fitted_on=t_source)
-        except PermissionError:
+            write_calibration(tm.checkpoint_path.parent, temperature, fitted_on=t_source, checkpoint=tm.checkpoint_path)
+        except OSError as exc:  # a read-only model store (EROFS too); a full disk stops with one line, as elsewhere
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             warn.append(f"{tm.checkpoint_path.parent} is read-only: the fitted temperature (T = {temperature:.3f}) was not "
                         f"stored beside the model, so `ecl predict` there uses T = 1 unless the run's MLflow artifact has it.")
     probs_raw = calibration.apply_temperature(logits, 1.0)

@@ -280,3 +280,35 @@ def test_prepare_ct_refuses_nifti_and_dicom_in_one_folder(cohort, tmp_path):
     pd.DataFrame([{"patient_id": "vol0", "label": "solid"}, {"patient_id": "x", "label": "part_solid"}]).to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(DataPrepError, match=r"holds both NIfTI volumes \(1\) and DICOM files \(\d+, e\.g\. input file \d+ of \d+\)"):
         prepare_ct(tmp_path, tmp_path / "labels.csv", tmp_path / "out", PrepareOptions(**OPTS))
+
+
+def test_namer_renames_patient_folders_but_not_the_root(tmp_path):
+    """A PACS export's patient folder (name + MRN) is renamed; the --images root itself stays readable."""
+    from data_prep.prepare_lung_ct import _Namer
+
+    root = tmp_path / "export"
+    f = root / "LAST^FIRST001_MRN001" / "CT THORAX" / "IM_MRN001_0003.dcm"
+    flat = root / "IM_0001.dcm"
+    namer = _Namer(root, [f, flat])
+    text = namer(f"cannot open {root / 'LAST^FIRST001_MRN001'} under {root}; see {f} and {flat}")
+    assert "MRN001" not in text and "LAST^FIRST" not in text and "CT THORAX" not in text
+    assert f"under {root};" in text  # the folder the user named is not an identifier
+    assert "a folder under --images" in text and "input file 1 of 2" in text and "input file 2 of 2" in text
+
+
+def test_unexpected_errors_leave_prepare_through_the_namer(cohort, tmp_path, monkeypatch):
+    """A third-party error quoting an input path (no DataPrepError) leaves prepare_ct renamed, as one line."""
+    import data_prep.prepare_lung_ct as plc
+
+    src = _copy(cohort, tmp_path)
+    slice_file = next(p for p in sorted(src["images"].rglob("*")) if p.is_file())
+
+    def reader_fault(*args, **kwargs):
+        raise RuntimeError(f"ITK ERROR: could not read {slice_file}")
+
+    monkeypatch.setattr(plc, "_prepare", reader_fault)
+    with pytest.raises(DataPrepError) as info:
+        prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
+    message = str(info.value)
+    assert str(slice_file) not in message and slice_file.name not in message
+    assert "RuntimeError" in message and "input file" in message

@@ -1,6 +1,8 @@
 """Checkpoints: atomic weights-only files, the three model references, temperature storage."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,20 @@ def test_set_temperature_rewrites_checkpoint(tmp_path):
         with pytest.raises(PipelineError, match="temperature"):
             set_temperature(path, bad)
     assert load_trained_model(path).temperature == pytest.approx(1.7)
+
+
+def test_calibration_fitted_for_older_weights_is_not_applied(tmp_path, capsys):
+    """calibration.json records the checkpoint it was fitted for; new weights since -> T = 1, with a warning."""
+    from pipeline.checkpoint import CALIBRATION, write_calibration
+
+    _, path = _write_run(tmp_path / "run")
+    write_calibration(path.parent, 0.6, fitted_on="val", checkpoint=path)
+    assert load_trained_model(path).temperature == pytest.approx(0.6)
+    record = json.loads((path.parent / CALIBRATION).read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    state = load_checkpoint(path)
+    state["epoch"] = 5  # `train --resume` wrote a new best checkpoint after evaluation
+    save_checkpoint(path, state)
+    capsys.readouterr()
+    assert load_trained_model(path).temperature == pytest.approx(state.get("temperature", 1.0))
+    assert "fitted for an earlier" in capsys.readouterr().err
