@@ -210,7 +210,7 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tupl
             if (path / LAST).is_file():
                 raise PipelineError(f"run folder {path} has no {BEST} yet; resume the run with `ecl train --resume {path}`")
             raise PipelineError(f"run folder {path} has no checkpoint: the run stopped before its first epoch ended. "
-                                f"Delete the folder and train again")
+                                f"Re-run the same `ecl train` command to start it again")
         return best, None
     from . import tracking
 

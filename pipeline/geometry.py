@@ -15,8 +15,8 @@ Pure (numpy/scipy/cvxpy; no config, no mlflow, no torch required). Two halves:
 
 **Compare like with like** (``docs/geometry.md``): the optimum G* and the simplex describe unit
 vectors that a contrastive loss sees, so only L2-normalised *projection* class means are held
-against them (`normalised_gram`). Backbone features are post-ReLU, so their uncentred cosines are all
->= 0 by construction; for them use `centred_gram` (``measure_geometry(..., gram="centred")``), which is
+against them (`normalised_gram`). Backbone features of CNNs are post-ReLU, so their uncentred cosines
+are all >= 0 by construction (not so for every ViT); for them use `centred_gram` (``measure_geometry(..., gram="centred")``), which is
 compared with the simplex only.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .geometry_optimum import (
     OptimumError,
     OptimumSolution,
     TwoLevelOptimum,
+    _to_numpy,
     burer_monteiro_gram,
     expected_loss,
     minority_collapse,
@@ -80,13 +81,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Measured geometry
 # --------------------------------------------------------------------------------------------
-def _to_numpy(x: Any) -> np.ndarray:
-    """Accept numpy arrays, torch tensors (any device) and nested lists."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 @dataclass(frozen=True)
 class _ClassStats:
     """Per-class first and second moments, computed once and shared by every metric."""

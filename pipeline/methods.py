@@ -106,7 +106,7 @@ class Method:
         return f"Method(name={self.name!r}, n_views={self.n_views}, weights={self._weights})"
 
     def weights(self) -> dict[str, float]:
-        """Current weight of each active term (all 1.0 during a first-epoch-normalised epoch 0)."""
+        """Current weight of each active term (in epoch 0: all 1.0 under `first_epoch`, base/alpha under `first_epoch_lc`)."""
         return dict(self._weights)
 
     def __call__(self, out: dict, labels: Tensor) -> LossOutput:
