@@ -19,7 +19,11 @@ from PIL import Image, ImageFile, ImageOps
 
 from .errors import DataPrepError
 
-__all__ = ["load_image_file", "shades_of_gray", "target_size", "IMAGE_SUFFIXES"]
+__all__ = ["load_image_file", "shades_of_gray", "target_size", "IMAGE_SUFFIXES", "DECODE_VERSION"]
+
+#: Bumped whenever `load_image_file` decodes the same file into other pixels (2: EXIF orientation
+#: honoured, 16-bit PNGs scaled instead of clipped), so caches built by an older decoder are rebuilt.
+DECODE_VERSION = 2
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 

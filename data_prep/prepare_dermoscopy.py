@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .cache import FORMAT_VERSION, CacheWriter
 from .cohort_csv import read_cohort_csv
 from .errors import DataPrepError
-from .images import load_image_file
+from .images import DECODE_VERSION, load_image_file
 from .io import atomic_write_text, bytes_sha256, file_sha256
 from .isic import ISIC2019_CLASSES, METADATA_COLUMNS, list_image_files, match_images, read_ground_truth, read_metadata
 from .manifest import build_manifest, read_split_file, validate_manifest
@@ -113,6 +113,7 @@ def _build_key(plan: _Plan, options: PrepareOptions) -> str:
     public.pop("workers", None)
     payload = {
         "format_version": FORMAT_VERSION,
+        "decode_version": DECODE_VERSION,
         "pil": PIL.__version__,
         "source": plan.source,
         "files": plan.key_parts,

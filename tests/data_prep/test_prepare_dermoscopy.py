@@ -76,6 +76,16 @@ def test_prepare_isic2019_option_change_rebuilds(tiny_cohort, tmp_path):
     assert not list(out.glob(".build-*"))
 
 
+def test_prepare_isic2019_decoder_change_rebuilds(tiny_cohort, tmp_path, monkeypatch):
+    """A cache decoded by an older `load_image_file` (other pixels for the same file) is not reused."""
+    out = tmp_path / "c"
+    prepare_isic2019(tiny_cohort["images"], tiny_cohort["ground_truth"], None, out, OPTS)
+    first = json.loads((out / "cache.json").read_text())["build_key"]
+    monkeypatch.setattr(prep, "DECODE_VERSION", prep.DECODE_VERSION + 1)
+    prepare_isic2019(tiny_cohort["images"], tiny_cohort["ground_truth"], None, out, OPTS)
+    assert json.loads((out / "cache.json").read_text())["build_key"] != first
+
+
 def test_prepare_isic2019_interrupted_build_resumes(isic_cohort, tmp_path, monkeypatch):
     out = tmp_path / "c"
     real = prep._decode_shard
