@@ -257,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="extra config override for every run (e.g. train.epochs=4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: reproducible)")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--reference", default="bcl", help="group the seed-aware comparison measures differences against")
     add_arguments(p)
     args = p.parse_args(argv)
 
@@ -324,10 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one variant per method: `ecl compare` groups the runs by method across seeds and gives each
         # difference an interval that resamples seeds as well as test images (hierarchical bootstrap)
         out_dir = base / f"compare-{args.name}"
-        run_dirs = [str(base / "runs" / f"{name}-s{seed}") for name in variants for seed in seeds]
+        # the reference group (differences are against it) is listed first: BCL, the peer ECL must beat
+        order = sorted(variants, key=lambda name: name != args.reference)
+        run_dirs = [str(base / "runs" / f"{name}-s{seed}") for name in order for seed in seeds]
         _run(ecl + ["compare", *run_dirs, "--group-by", "method", "--out", str(out_dir)], log)
-        text += ("\nSeed-aware comparison (`ecl compare RUN_DIRS --group-by method`; differences against the "
-                 "first group, 95 % interval of a bootstrap over seeds and test images):\n\n"
+        text += (f"\nSeed-aware comparison (`ecl compare RUN_DIRS --group-by method`, {order[0]} listed first; "
+                 f"differences against {order[0]}, 95 % interval of a bootstrap over seeds and test images):\n\n"
                  + _groups_table((out_dir / "comparison.md").read_text()))
     print(text)
     if not args.no_docs:
