@@ -619,7 +619,7 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
             geometry_note = f"The geometry section could not be computed on this split: {exc}"
             warn.append(geometry_note)
         if geometry is not None:
-            warn.extend(geometry.warnings)  # e.g. the optimum G* could not be computed, solver messages
+            warn.extend(geometry.warnings)  # e.g. the optimum G* could not be computed
             for key, value in geometry.metrics.items():
                 flat[f"geometry/{key}"] = None if value is None or not math.isfinite(float(value)) else float(value)
 
@@ -713,7 +713,7 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         "selective": selective,
         "model_card": {k: v for k, v in card.items() if k != "markdown"},
         "provenance": provenance,
-        "warnings": warn,
+        "warnings": warn + ([] if geometry is None else geometry.solver_notes),
     }
     atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, allow_nan=False))
 

@@ -71,8 +71,10 @@ class GeometrySection:
     metrics: dict[str, float] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)
     sentences: list[str] = field(default_factory=list)
-    # what went wrong or what a solver said, for metrics.json "warnings" (never printed by the section)
+    # what went wrong, for metrics.json "warnings" and the evaluation's terminal summary
     warnings: list[str] = field(default_factory=list)
+    # what the solvers said on the way to a verified optimum: metrics.json only, never the terminal
+    solver_notes: list[str] = field(default_factory=list)
 
 
 def two_level_reduction(class_counts: Sequence[int] | np.ndarray) -> TwoLevelReduction:
@@ -335,7 +337,7 @@ def geometry_section(features_h: Any, features_z: Any, labels: Any, classifier_w
             m["optimum/objective_ratio_to_simplex"] = sol.ratio
             m["optimum/certified_gap"] = sol.gap
             if sol.notes:
-                section.warnings.append(f"Geometry: G* {_evidence(sol)}; solver messages: " + "; ".join(sol.notes))
+                section.solver_notes.append(f"Geometry: G* {_evidence(sol)}; solver messages: " + "; ".join(sol.notes))
         try:
             col = _predict_collapse(counts, negatives, temperature, "scl")
         except Exception as err:  # noqa: BLE001 - as above

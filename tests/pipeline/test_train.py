@@ -104,12 +104,15 @@ def test_run_folder_holds_config_metrics_and_checkpoints(full_run):
     for col in ["train/loss", "train/loss/lc", "train/loss/bc", "train/loss/cc", "train/weight/lc", "train/lr",
                 "train/balanced_accuracy", "val/balanced_accuracy", "train/throughput"]:
         assert col in metrics.columns, col
-    # first-epoch normalisation: epoch 0 trains with weight 1, later epochs with 0.7 / mean(L_LC)
-    assert metrics["train/weight/lc"][0] == 1.0
-    assert metrics["train/weight/lc"][1] == pytest.approx(0.7 / metrics["train/loss/lc"][0], rel=1e-5)
-    # the total is the weighted sum of the logged terms (epoch 0: all weights 1)
-    assert metrics["train/loss"][0] == pytest.approx(
-        metrics["train/loss/lc"][0] + metrics["train/loss/bc"][0] + metrics["train/loss/cc"][0], rel=1e-5)
+    # ECL's anchored normalisation: L_LC keeps weight 1; epoch 0 trains the others at base/alpha, later
+    # epochs at (base/alpha) * mean(L_LC) / mean(term) over epoch 0
+    lc, bc, cc = (metrics[f"train/loss/{t}"][0] for t in ("lc", "bc", "cc"))
+    assert list(metrics["train/weight/lc"]) == [1.0] * EPOCHS
+    assert metrics["train/weight/bc"][0] == pytest.approx(0.3 / 0.7, rel=1e-12)
+    assert metrics["train/weight/bc"][1] == pytest.approx((0.3 / 0.7) * lc / bc, rel=1e-5)
+    assert metrics["train/weight/cc"][1] == pytest.approx((0.5 / 0.7) * lc / cc, rel=1e-5)
+    # the total is the weighted sum of the logged terms
+    assert metrics["train/loss"][0] == pytest.approx(lc + (0.3 / 0.7) * bc + (0.5 / 0.7) * cc, rel=1e-5)
     # cosine schedule with one warm-up epoch: after the last step the factor is 0
     assert metrics["train/lr"].iloc[-1] == pytest.approx(0.0, abs=1e-12)
     assert metrics["train/lr"][0] == pytest.approx(0.05)
