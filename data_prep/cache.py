@@ -124,6 +124,11 @@ def open_cache(path: str | Path) -> Cache:
         raise DataPrepError(f"The cache in {path} is incomplete (its build was interrupted). Re-run the same `ecl prepare` command to resume it.", str(path))
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataPrepError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}. Re-run `ecl prepare` to rebuild the cache.", str(meta_path))
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names):
+        raise DataPrepError(f"{meta_path}: class_names must be a list of distinct class names; got {names!r}. {rebuild}",
+                            str(meta_path))
     for name in ("manifest.csv", "index.npy", "pixels.u8"):
         if not (path / name).is_file():
             raise DataPrepError(f"{path / name} is missing: the cache is damaged. {rebuild}", str(path / name))

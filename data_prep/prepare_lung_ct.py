@@ -160,6 +160,9 @@ def _read_labels(path: Path, key_col: str) -> tuple[dict[str, list[_Lesion]], li
         if world[0] is not None and index[0] is not None:
             raise DataPrepError(f"{path}: row {n}: both world ({', '.join(_WORLD)}) and voxel ({', '.join(_INDEX)}) centres; keep one.", str(path))
         diameter = _num(rec.get("diameter_mm", ""), path, n, "diameter_mm") if "diameter_mm" in rec else None
+        if diameter is not None and diameter <= 0:
+            raise DataPrepError(f"{path}: row {n}, column diameter_mm: {diameter:g} is not a size; write the lesion's "
+                                f"diameter in millimetres (> 0), or leave the cell empty if it is unknown.", str(path))
         rows[key].append(_Lesion(row=n, label=label, centre_world=world if world[0] is not None else None,  # type: ignore[arg-type]
                                  centre_index=index if index[0] is not None else None, diameter=diameter))  # type: ignore[arg-type]
     for key, lesions in rows.items():

@@ -169,7 +169,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise PipelineError(f"{path} is not a readable checkpoint of this pipeline ({type(exc).__name__}: {exc})") from None
+        # not torch's own text: it advises weights_only=False, which would run code from a file of unknown origin
+        raise PipelineError(f"{path} is not a readable checkpoint of this pipeline ({type(exc).__name__} while "
+                            f"loading it safely). Pass a checkpoint-best.pt or checkpoint-last.pt written by "
+                            f"`ecl train`.") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise PipelineError(f"{path} is not a checkpoint written by `ecl train` (no 'model'/'config' entries)")
     return state

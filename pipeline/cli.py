@@ -18,15 +18,26 @@ __all__ = ["main", "build_parser", "environment_fault"]
 _EPILOG = "Configs: YAML under configs/; override any key with --set section.key=value (repeatable)."
 
 
+def _positive_int(value: str) -> int:
+    """argparse type: a whole number >= 1 (a process or thread count)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {n}")
+    return n
+
+
 def _existing(kind: str) -> Callable[[str], Path]:
     """argparse type: a path that must exist, with a one-line error naming it."""
 
     def check(value: str) -> Path:
         p = Path(value).expanduser()
         if kind == "dir" and not p.is_dir():
-            raise argparse.ArgumentTypeError(f"folder {value} does not exist")
+            raise argparse.ArgumentTypeError(f"{value} is a file, not a folder" if p.exists() else f"folder {value} does not exist")
         if kind == "file" and not p.is_file():
-            raise argparse.ArgumentTypeError(f"file {value} does not exist")
+            raise argparse.ArgumentTypeError(f"{value} is a folder, not a file" if p.is_dir() else f"file {value} does not exist")
         if kind == "any" and not p.exists():
             raise argparse.ArgumentTypeError(f"{value} does not exist")
         return p
@@ -241,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--on-error", choices=["stop", "skip"], default=None,
                        help="stop at the first bad file (default) or quarantine it and go on")
         k.add_argument("--split-file", type=_existing("file"), default=None, help="CSV image,split to use instead")
-        k.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+        k.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
         _add_config_args(k)
     p.set_defaults(func=_cmd_prepare)
 

@@ -118,6 +118,12 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+# Tracking-store schemes MLflow accepts (its file, sqlalchemy and REST stores); anything else fails deep inside
+# MLflow with a chained traceback, so it is refused up front with the forms that work.
+_STORE_SCHEMES = frozenset({"file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks",
+                            "databricks-uc"})
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """Point mlflow at `uri` and return the id of experiment `name`, creating it if needed.
 
@@ -126,6 +132,11 @@ def ensure_experiment(uri: str, name: str) -> str:
     """
     from .errors import PipelineError
 
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme not in _STORE_SCHEMES:
+        raise PipelineError(f"the MLflow tracking URI {uri!r} has a scheme ({scheme}://) MLflow cannot store runs in; "
+                            f"use sqlite:////path/to/mlflow.db, file:///path/to/folder, http(s)://host:port or a "
+                            f"database URI (postgresql://, mysql://), in tracking.uri or MLFLOW_TRACKING_URI")
     check_reachable(uri)
     mlflow = _mlflow()
     try:

@@ -150,3 +150,29 @@ def test_unreachable_tracking_server_fails_within_seconds(capsys):
     err = _one_line_error(capsys, main(["evaluate", "--run", "0" * 32, "--tracking-uri", f"http://127.0.0.1:{port}"]))
     assert time.perf_counter() - t0 < 10
     assert f"tracking server http://127.0.0.1:{port} cannot be reached" in err
+
+
+def test_a_folder_given_as_config_file_is_named_as_such(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(tmp_path)])
+    assert exc.value.code == 2
+    assert f"{tmp_path} is a folder, not a file" in capsys.readouterr().err
+
+
+def test_an_unreadable_checkpoint_gets_no_unsafe_loading_advice(tmp_path, capsys):
+    """torch's message suggests weights_only=False; for a file of unknown origin we never pass that on."""
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"\x80\x04\x95" + b"not a checkpoint" * 8)
+    assert main(["evaluate", "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not a readable checkpoint of this pipeline" in err and "weights_only" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_prepare_refuses_a_non_positive_worker_count(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("image,label\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", "csv", "--manifest", str(tmp_path / "m.csv"), "--image-root", str(tmp_path),
+              "--out", str(tmp_path / "c"), "--workers", "-2"])
+    assert exc.value.code == 2
+    assert "argument --workers: expected a whole number >= 1; got -2" in capsys.readouterr().err

@@ -101,6 +101,7 @@ def test_cache_writer_resume_keeps_written_shards(tmp_path):
     ("bad_json", r"cache\.json is damaged \(JSONDecodeError"),
     ("object_index", r"index\.npy is damaged or not a plain integer array .*Re-run"),
     ("float_index", r"index\.npy is not an \[n, 4\] array of non-negative integers"),
+    ("null_classes", r"cache\.json: class_names must be a list of distinct class names; got None\. Re-run"),
 ])
 def test_open_cache_checks_every_file_and_says_to_re_prepare(tmp_path, damage, pattern):
     rng = np.random.default_rng(0)
@@ -114,6 +115,9 @@ def test_open_cache_checks_every_file_and_says_to_re_prepare(tmp_path, damage, p
         (path / "cache.json").write_text('{"complete": true, "form')
     elif damage == "object_index":
         np.save(path / "index.npy", np.array([{"a": 1}] * 5, dtype=object), allow_pickle=True)
+    elif damage == "null_classes":
+        meta = json.loads((path / "cache.json").read_text())
+        (path / "cache.json").write_text(json.dumps({**meta, "class_names": None}))
     else:
         np.save(path / "index.npy", np.zeros((5, 4), dtype=np.float32))
     with pytest.raises(DataPrepError, match=pattern):

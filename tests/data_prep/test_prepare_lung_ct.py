@@ -87,6 +87,16 @@ def test_prepare_ct_outputs_hold_no_identifier_nor_salt(cohort, prepared, capsys
         assert needle not in printed.out and needle not in printed.err
 
 
+def test_prepare_ct_refuses_a_non_positive_lesion_diameter(cohort, tmp_path):
+    src = _copy(cohort, tmp_path)
+    labels = pd.read_csv(src["labels"], dtype=str, keep_default_na=False)
+    labels["diameter_mm"] = "12"
+    labels.loc[2, "diameter_mm"] = "-5"
+    labels.to_csv(src["labels"], index=False)
+    with pytest.raises(DataPrepError, match=r"labels\.csv: row 3, column diameter_mm: -5 is not a size"):
+        prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
+
+
 def test_prepare_ct_labels_row_without_series(cohort, tmp_path):
     src = _copy(cohort, tmp_path)
     shutil.rmtree(src["images"] / "case_005")

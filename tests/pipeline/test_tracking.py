@@ -17,6 +17,12 @@ def test_unwritable_sqlite_store_is_one_clear_error(tmp_path):
         tracking.ensure_experiment(f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}", "x")
 
 
+def test_unknown_uri_scheme_is_one_clear_error():
+    """A scheme MLflow cannot store runs in fails before MLflow does (it raised a chained traceback)."""
+    with pytest.raises(PipelineError, match=r"'foo://bar' has a scheme \(foo://\) MLflow cannot store runs in; use sqlite"):
+        tracking.ensure_experiment("foo://bar", "x")
+
+
 def test_dead_server_is_refused_by_the_probe_within_seconds():
     import socket
 
