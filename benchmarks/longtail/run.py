@@ -261,8 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    os.environ.update(env)
+    # every `ecl` subprocess inherits this: one thread per run makes results reproducible for a thread count
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     base = args.work / args.profile
     try:
         record = build_cohort(base / "cohort", options_from_args(args), args.source)
@@ -314,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(row)
             print(f"{name:<22} seed {seed}: val {row['val_bacc_best']:.3f}  test {row['test_bacc']:.3f}  "
                   f"ECE cal {row['ece_calibrated']:.3f}  ({row['train_s'] or 0:.0f} s train)", flush=True)
+    if not rows:
+        print("no finished run to tabulate yet (the others are being trained by another runner)", file=sys.stderr)
+        return 0
     out_csv = RESULTS / f"{args.profile}-{args.name}.csv"
     write_csv(out_csv, rows)
     argv_text = " ".join(["python -m benchmarks.longtail.run"] + list(argv if argv is not None else sys.argv[1:]))
