@@ -170,18 +170,24 @@ def test_prepare_ct_refuses_one_class_cohort(cohort, tmp_path):
         prepare_ct(src["images"], src["labels"], tmp_path / "out", PrepareOptions(**OPTS))
 
 
+def _series_as_nifti(cohort: dict[str, Path], i: int, path: Path) -> "sitk.Image":
+    """Case i of the generated DICOM cohort written as a NIfTI volume with the same geometry."""
+    from data_prep.dicom import load_series
+
+    vol = load_series(cohort["images"] / f"case_{i:03d}")
+    img = sitk.GetImageFromArray(vol.array)
+    img.SetSpacing(vol.spacing[::-1])
+    img.SetOrigin(vol.origin)
+    img.SetDirection(vol.direction.ravel().tolist())
+    sitk.WriteImage(img, str(path))
+    return img
+
+
 def test_prepare_ct_nifti_input_with_voxel_centres(cohort, tmp_path):
     labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})
     rows = []
-    from data_prep.dicom import load_series
-
     for i in range(4):
-        vol = load_series(cohort["images"] / f"case_{i:03d}")
-        img = sitk.GetImageFromArray(vol.array)
-        img.SetSpacing(vol.spacing[::-1])
-        img.SetOrigin(vol.origin)
-        img.SetDirection(vol.direction.ravel().tolist())
-        sitk.WriteImage(img, str(tmp_path / f"vol{i}.nii.gz"))
+        img = _series_as_nifti(cohort, i, tmp_path / f"vol{i}.nii.gz")
         x, y, z = img.TransformPhysicalPointToIndex(tuple(labels.loc[i, ["center_x_mm", "center_y_mm", "center_z_mm"]]))
         rows.append({"patient_id": f"vol{i}", "label": labels.loc[i, "label"], "center_i": x, "center_j": y, "center_k": z})
     rows.append({"patient_id": "vol0", "label": "lung", "center_i": "", "center_j": "", "center_k": ""})
@@ -195,17 +201,10 @@ def test_prepare_ct_nifti_input_with_voxel_centres(cohort, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_prepare_ct_truncated_nifti_is_an_error_naming_the_volume_by_pseudonym(cohort, tmp_path, suffix, capfd):
-    from data_prep.dicom import load_series
-
     labels = pd.read_csv(cohort["labels"], dtype={"patient_id": str})
     rows = []
     for i in range(4):
-        vol = load_series(cohort["images"] / f"case_{i:03d}")
-        img = sitk.GetImageFromArray(vol.array)
-        img.SetSpacing(vol.spacing[::-1])
-        img.SetOrigin(vol.origin)
-        img.SetDirection(vol.direction.ravel().tolist())
-        sitk.WriteImage(img, str(tmp_path / f"MRN00{i}{suffix}"))
+        _series_as_nifti(cohort, i, tmp_path / f"MRN00{i}{suffix}")
         rows.append({"patient_id": f"MRN00{i}", "label": labels.loc[i, "label"]})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     victim = tmp_path / f"MRN002{suffix}"
