@@ -93,7 +93,7 @@ class _Lesion:
 class _Task:
     """One series and what to cut from it: picklable, identifier-free except file paths."""
 
-    name: str                     # e.g. "series S-1a2b3c4d5e (patient P-..., folder case_003/...)"
+    name: str                     # e.g. "series S-1a2b3c4d5e (patient P-...)": pseudonyms only, never a path
     patient: str
     series: str
     source: str                   # "dicom" or "nifti"
