@@ -5,8 +5,11 @@ fail before any work starts, naming the key, the value and what is allowed, with
 suggestions. `--set a.b=value` overrides any key (the value is parsed as YAML, so numbers, lists
 and booleans work). Every run writes its resolved config (`save_config`) and logs it flattened.
 
-Method-dependent defaults (BCL's beta = 0.35, ECL's lam = 0.5, ...) are left as None here and
-filled by `resolve_method_defaults`, so the resolved config shows the values actually used.
+Method names and method-dependent defaults (BCL's beta = 0.35, ECL's alpha = 0.7, ...) belong to
+the method registry (`pipeline.registry`), declared where each method is registered: `method.name`
+is checked against it (so a method registered at run time is accepted), the method-dependent keys
+are left as None here and filled from it by `resolve_method_defaults`, so the resolved config shows
+the values actually used.
 """
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from data_prep import atomic_write_text
 
 from .errors import ConfigError
+from .registry import list_methods, method_spec
 
 __all__ = [
     "PrepareConfig", "AugmentConfig", "DataConfig", "ModelConfig", "MethodConfig", "TrainConfig",
     "EvalConfig", "TrackingConfig", "RunConfig", "load_config", "parse_overrides", "save_config",
-    "flatten_config", "public_config", "resolve_method_defaults", "METHOD_DEFAULTS",
+    "flatten_config", "public_config", "resolve_method_defaults",
 ]
 
 
@@ -89,11 +94,11 @@ class ModelConfig(_Section):
     drop_rate: float = Field(0.0, ge=0, lt=1)
 
 
-MethodName = Literal["ce", "la", "supcon", "bcl", "ecl", "focal", "weighted_ce"]
-
-
 class MethodConfig(_Section):
-    name: MethodName = "ecl"
+    """The training method (`pipeline.registry`). Keys typed `... | None` are method-dependent: None
+    means "the method's registered default", filled by `resolve_method_defaults`."""
+
+    name: str = Field("ecl", description="a registered method (pipeline.registry.list_methods())")
     temperature: float = Field(0.07, gt=0)
     la_tau: float = Field(1.0, ge=0)
     mix: Literal["ecl", "bcl"] | None = None
@@ -105,20 +110,16 @@ class MethodConfig(_Section):
     loss_weight_normalisation: Literal["first_epoch", "first_epoch_lc", "none"] | None = None
     focal_gamma: float = Field(2.0, ge=0)
 
-
-# The defaults ecl-method.md gives per method; keys absent here stay as typed above.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ce": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
-    "la": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
-    "focal": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
-    "weighted_ce": dict(alpha=1.0, beta=0.0, gamma=0.0, loss_weight_normalisation="none"),
-    "supcon": dict(alpha=1.0, beta=0.35, gamma=0.0, loss_weight_normalisation="none"),
-    "bcl": dict(mix="bcl", alpha=1.0, beta=0.35, gamma=0.0, loss_weight_normalisation="none", prototype_head="mlp"),
-    # normalisation anchored on L_LC and BCL's MLP prototype head: chosen on the validation split of the
-    # long-tailed benchmark over 3 seeds (docs/method.md "Defaults: evidence and decision")
-    "ecl": dict(mix="ecl", lam=0.5, alignment="duality", alpha=0.7, beta=0.3, gamma=0.5,
-                loss_weight_normalisation="first_epoch_lc", prototype_head="mlp"),
-}
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # asked at validation time, so a method registered after this module was imported is accepted
+        names = list_methods()
+        if name not in names:
+            expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}" if len(names) > 1 else repr(names[0])
+            raise PydanticCustomError("unknown_method", "not a registered method; choose one of {expected}",
+                                      {"expected": expected})
+        return name
 
 
 class TrainConfig(_Section):
@@ -211,7 +212,7 @@ def _describe(err: dict, data: dict) -> str:
         return f"unknown key '{key}'.{hint} Allowed keys here: {', '.join(allowed)}."
     value = err.get("input")
     msg = err["msg"]
-    if err["type"] == "literal_error":
+    if err["type"] in ("literal_error", "unknown_method"):
         expected = err.get("ctx", {}).get("expected", "")
         options = [o.strip().strip("'") for o in expected.replace(" or ", ",").split(",") if o.strip()]
         close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
@@ -260,22 +261,18 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def resolve_method_defaults(cfg: RunConfig) -> RunConfig:
-    """Fill the None fields of `method` and `model.prototype_head` with the method's defaults."""
-    defaults = METHOD_DEFAULTS[cfg.method.name]
+    """Fill the None fields of `method` and `model.prototype_head` with the method's registered defaults.
+
+    Raises:
+        ConfigError: `method.name` is not registered (a config built without validation).
+    """
+    spec = method_spec(cfg.method.name)
     data = cfg.model_dump()
-    for key, value in defaults.items():
-        if key == "prototype_head":
-            if data["model"]["prototype_head"] is None:
-                data["model"]["prototype_head"] = value
-        elif data["method"].get(key) is None:
-            data["method"][key] = value
-    # keys every method needs concrete values for
-    fallback = dict(mix="ecl", lam=0.5, alignment="duality", loss_weight_normalisation="none")
-    for key, value in fallback.items():
+    for key, value in spec.defaults.items():
         if data["method"].get(key) is None:
             data["method"][key] = value
     if data["model"]["prototype_head"] is None:
-        data["model"]["prototype_head"] = "linear"
+        data["model"]["prototype_head"] = spec.prototype_head
     return RunConfig.model_validate(data)
 
 

@@ -12,6 +12,10 @@ A `Method` turns the network's `return_all` output into a weighted total loss:
 | `bcl`         | 3     | `lc` (alpha), `bc` with BCL's mix (beta) [, `cc` (gamma) if gamma > 0] |
 | `ecl`         | 3     | `lc` (alpha), `bc` (beta), `cc` (gamma)          |
 
+Each method's views, terms (with the weight and heads of each) and defaults are declared where it
+is registered, at its factory (`register_method(...)`, pipeline/registry.py); the table above is
+what those declarations say.
+
 `lc` uses view 0 only; the contrastive terms use views 1 and 2, gathered across DDP ranks
 (`pipeline.distributed.all_gather_with_grad`) so they see the global batch. A term whose base
 weight is 0 is not computed at all (so `bcl` has no `cc`, and `ecl` with `gamma: 0` is an ablation).
@@ -43,17 +47,23 @@ import torch
 from torch import Tensor
 
 from . import losses
-from .config import METHOD_DEFAULTS, MethodConfig
+from .config import MethodConfig
 from .distributed import all_gather, all_gather_with_grad, all_reduce_mean
 from .errors import ConfigError, PipelineError
-from .registry import register_method
+from .registry import Term, method_spec, register_method
 
-__all__ = ["LossOutput", "Method", "NORMALISATIONS", "TERM_NAMES"]
+__all__ = ["LossOutput", "Method", "NORMALISATIONS", "TERM_CE", "TERM_LC", "TERM_SUPCON", "TERM_BC", "TERM_CC"]
 
 # How the base weights become the weights used from epoch 1 on (see the module docstring).
 NORMALISATIONS = ("first_epoch", "first_epoch_lc", "none")
 
-TERM_NAMES = ("lc", "ce", "bc", "supcon", "cc")
+# The loss terms of the built-in methods: the `method.*` weight that scales each and the heads it
+# trains (bc reaches the classifier through phi(w)). A new method reuses these or declares its own.
+TERM_CE = Term("ce", "alpha", frozenset({"classifier"}))
+TERM_LC = Term("lc", "alpha", frozenset({"classifier"}))
+TERM_SUPCON = Term("supcon", "beta", frozenset({"projection"}))
+TERM_BC = Term("bc", "beta", frozenset({"projection", "prototypes", "classifier"}))
+TERM_CC = Term("cc", "gamma", frozenset({"prototypes", "classifier"}))
 
 TermFn = Callable[[dict, Tensor], dict[str, Tensor]]
 
@@ -207,17 +217,6 @@ class Method:
 # helpers shared by the factories
 
 
-def _setting(cfg: MethodConfig, key: str) -> Any:
-    """The resolved value of `method.<key>`; falls back to the method's defaults if unresolved."""
-    value = getattr(cfg, key)
-    if value is None:
-        value = METHOD_DEFAULTS.get(cfg.name, {}).get(key)
-    if value is None:
-        value = dict(mix="ecl", lam=0.5, alignment="duality", loss_weight_normalisation="none",
-                     alpha=1.0, beta=0.0, gamma=0.0)[key]
-    return value
-
-
 def _checked_counts(class_counts: np.ndarray, method: str) -> np.ndarray:
     counts = np.asarray(class_counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size < 2:
@@ -255,33 +254,39 @@ def _duality_check(feature_dim: int | None, proj_dim: int | None) -> None:
                           f"{feature_dim}), or method.alignment: gram.")
 
 
-def _weights(cfg: MethodConfig, names: dict[str, str]) -> dict[str, float]:
-    """{term: base weight} for terms with a positive weight; names maps term -> alpha/beta/gamma."""
-    return {term: float(_setting(cfg, key)) for term, key in names.items() if float(_setting(cfg, key)) > 0}
+def _weights(cfg: MethodConfig) -> dict[str, float]:
+    """{term: base weight} for the registered terms of `cfg.name` whose weight is positive.
+
+    `cfg` is resolved (`registry.create_method` fills unset keys from the registered defaults).
+    """
+    names = method_spec(cfg.name).term_weights()
+    return {term: float(getattr(cfg, key)) for term, key in names.items() if float(getattr(cfg, key)) > 0}
 
 
-def _build(cfg: MethodConfig, n_views: int, term_fn: TermFn, names: dict[str, str]) -> Method:
-    base = _weights(cfg, names)
+def _build(cfg: MethodConfig, term_fn: TermFn) -> Method:
+    """The Method of `cfg.name`: its registered views and terms, the weights and normalisation of `cfg`."""
+    spec = method_spec(cfg.name)
+    base = _weights(cfg)
     if not base:
-        raise ConfigError(f"method {cfg.name!r}: every loss weight ({', '.join(sorted(set(names.values())))}) is 0; "
-                          f"set at least one positive")
-    return Method(cfg.name, n_views, term_fn, base, str(_setting(cfg, "loss_weight_normalisation")))
+        keys = sorted(set(spec.term_weights().values()))
+        raise ConfigError(f"method {cfg.name!r}: every loss weight ({', '.join(keys)}) is 0; set at least one positive")
+    return Method(cfg.name, spec.n_views, term_fn, base, str(cfg.loss_weight_normalisation))
 
 
 # --------------------------------------------------------------------------------------------
 # one-view methods
 
 
-@register_method("ce")
+@register_method("ce", n_views=1, terms=(TERM_CE,))
 def _create_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
         b = _batch_size(out, labels, 1)
         return {"ce": losses.cross_entropy(out["logits"][:b], labels)}
 
-    return _build(cfg, 1, terms, {"ce": "alpha"})
+    return _build(cfg, terms)
 
 
-@register_method("weighted_ce")
+@register_method("weighted_ce", n_views=1, terms=(TERM_CE,))
 def _create_weighted_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     counts = _checked_counts(class_counts, cfg.name)
 
@@ -289,10 +294,10 @@ def _create_weighted_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -
         b = _batch_size(out, labels, 1)
         return {"ce": losses.class_weighted_cross_entropy(out["logits"][:b], labels, counts)}
 
-    return _build(cfg, 1, terms, {"ce": "alpha"})
+    return _build(cfg, terms)
 
 
-@register_method("focal")
+@register_method("focal", n_views=1, terms=(TERM_CE,))
 def _create_focal(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     gamma = float(cfg.focal_gamma)
 
@@ -300,10 +305,10 @@ def _create_focal(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Meth
         b = _batch_size(out, labels, 1)
         return {"ce": losses.focal_loss(out["logits"][:b], labels, gamma=gamma)}
 
-    return _build(cfg, 1, terms, {"ce": "alpha"})
+    return _build(cfg, terms)
 
 
-@register_method("la")
+@register_method("la", n_views=1, terms=(TERM_LC,))
 def _create_la(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     counts = _checked_counts(class_counts, cfg.name)
     tau = float(cfg.la_tau)
@@ -312,18 +317,18 @@ def _create_la(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
         b = _batch_size(out, labels, 1)
         return {"lc": losses.logit_adjusted_cross_entropy(out["logits"][:b], labels, counts, tau=tau)}
 
-    return _build(cfg, 1, terms, {"lc": "alpha"})
+    return _build(cfg, terms)
 
 
 # --------------------------------------------------------------------------------------------
 # three-view methods
 
 
-@register_method("supcon")
+@register_method("supcon", n_views=3, terms=(TERM_LC, TERM_SUPCON), defaults=dict(beta=0.35))
 def _create_supcon(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     counts = _checked_counts(class_counts, cfg.name)
     tau_la, temperature = float(cfg.la_tau), float(cfg.temperature)
-    active = _weights(cfg, {"lc": "alpha", "supcon": "beta"})
+    active = _weights(cfg)
 
     def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
         b = _batch_size(out, labels, 3)
@@ -335,7 +340,7 @@ def _create_supcon(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Met
             result["supcon"] = losses.supcon_loss(feats, y, temperature)
         return result
 
-    return _build(cfg, 3, terms, {"lc": "alpha", "supcon": "beta"})
+    return _build(cfg, terms)
 
 
 def _create_balanced(cfg: MethodConfig, class_counts: np.ndarray, feature_dim: int | None = None,
@@ -343,10 +348,8 @@ def _create_balanced(cfg: MethodConfig, class_counts: np.ndarray, feature_dim: i
     """Shared factory of `bcl` and `ecl`: lc + bc [+ cc], differing only in resolved settings."""
     counts = _checked_counts(class_counts, cfg.name)
     tau_la, temperature = float(cfg.la_tau), float(cfg.temperature)
-    mix, lam = str(_setting(cfg, "mix")), float(_setting(cfg, "lam"))
-    alignment = str(_setting(cfg, "alignment"))
-    names = {"lc": "alpha", "bc": "beta", "cc": "gamma"}
-    active = _weights(cfg, names)
+    mix, lam, alignment = str(cfg.mix), float(cfg.lam), str(cfg.alignment)
+    active = _weights(cfg)
     if "cc" in active and alignment == "duality":
         _duality_check(feature_dim, proj_dim)
 
@@ -364,8 +367,15 @@ def _create_balanced(cfg: MethodConfig, class_counts: np.ndarray, feature_dim: i
             result["cc"] = losses.classifier_prototype_alignment(out["weight"], out["prototypes"], mode=alignment)
         return result
 
-    return _build(cfg, 3, terms, names)
+    return _build(cfg, terms)
 
 
-register_method("bcl")(_create_balanced)
-register_method("ecl")(_create_balanced)
+# BCL's defaults: its own mix and weight (ecl-method.md), no alignment term, BCL's MLP prototype head.
+register_method("bcl", n_views=3, terms=(TERM_LC, TERM_BC, TERM_CC), defaults=dict(mix="bcl", beta=0.35),
+                prototype_head="mlp")(_create_balanced)
+# ECL's defaults: normalisation anchored on L_LC and BCL's MLP prototype head were chosen on the validation
+# split of the long-tailed benchmark over 3 seeds (docs/method.md "Defaults: evidence and decision").
+register_method("ecl", n_views=3, terms=(TERM_LC, TERM_BC, TERM_CC),
+                defaults=dict(mix="ecl", lam=0.5, alignment="duality", alpha=0.7, beta=0.3, gamma=0.5,
+                              loss_weight_normalisation="first_epoch_lc"),
+                prototype_head="mlp")(_create_balanced)

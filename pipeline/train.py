@@ -190,26 +190,15 @@ def _build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-# which heads each loss term back-propagates into (bc reaches the classifier through phi(w))
-_TERM_HEADS: dict[str, frozenset[str]] = {
-    "ce": frozenset({"classifier"}), "lc": frozenset({"classifier"}),
-    "supcon": frozenset({"projection"}),
-    "bc": frozenset({"projection", "prototypes", "classifier"}),
-    "cc": frozenset({"prototypes", "classifier"}),
-}
-
-
 def _heads_used(method: Any) -> dict[str, bool]:
     """{head: some active term trains it} for "classifier", "projection" and "prototypes".
 
-    A term this table does not know (a newly registered method) counts as using every head, which
-    keeps its prototype head and DDP's unused-parameter search: safe rather than fast.
+    The registry knows which heads each of a method's terms trains; a term it does not know counts
+    as using every head (keeps the heads and DDP's unused-parameter search: safe rather than fast).
     """
-    terms = set(method.base_weights)
-    if not terms <= set(_TERM_HEADS):
-        return {"classifier": True, "projection": True, "prototypes": True}
-    used = set().union(*(_TERM_HEADS[t] for t in terms))
-    return {head: head in used for head in ("classifier", "projection", "prototypes")}
+    from .registry import heads_used
+
+    return heads_used(getattr(method, "name", ""), method.base_weights)
 
 
 def _init_from(network: torch.nn.Module, ref: str, class_names: list[str], cfg: RunConfig,

@@ -6,9 +6,27 @@ import pytest
 import yaml
 
 from pipeline.config import (
-    METHOD_DEFAULTS, PrepareConfig, RunConfig, flatten_config, load_config, parse_overrides, save_config,
+    MethodConfig, PrepareConfig, RunConfig, flatten_config, load_config, parse_overrides, save_config,
 )
 from pipeline.errors import ConfigError
+from pipeline.registry import COMMON_DEFAULTS, list_methods, method_spec
+
+_DEFAULTS_3V = dict(temperature=0.07, la_tau=1.0, focal_gamma=2.0)
+_ONE_VIEW = dict(_DEFAULTS_3V, mix="ecl", lam=0.5, alignment="duality", alpha=1.0, beta=0.0, gamma=0.0,
+                 loss_weight_normalisation="none")
+# Every method.* value and model.prototype_head each built-in method resolved to on main before the defaults
+# moved into the registry (computed there with load_config(base={"method": {"name": m}})): pinned, so
+# moving defaults around can never change a run.
+RESOLVED_BEFORE_REGISTRY = {
+    "ce": dict(_ONE_VIEW, prototype_head="linear"),
+    "la": dict(_ONE_VIEW, prototype_head="linear"),
+    "focal": dict(_ONE_VIEW, prototype_head="linear"),
+    "weighted_ce": dict(_ONE_VIEW, prototype_head="linear"),
+    "supcon": dict(_ONE_VIEW, beta=0.35, prototype_head="linear"),
+    "bcl": dict(_ONE_VIEW, mix="bcl", beta=0.35, prototype_head="mlp"),
+    "ecl": dict(_DEFAULTS_3V, mix="ecl", lam=0.5, alignment="duality", alpha=0.7, beta=0.3, gamma=0.5,
+                loss_weight_normalisation="first_epoch_lc", prototype_head="mlp"),
+}
 
 
 def test_load_config_defaults_resolve_method():
@@ -92,12 +110,47 @@ def test_prepare_options_mirror_prepare_config():
     assert PrepareOptions(**PrepareConfig().model_dump()) == PrepareOptions()
 
 
-def test_method_defaults_cover_every_method():
-    from typing import get_args
+@pytest.mark.parametrize("name", sorted(RESOLVED_BEFORE_REGISTRY))
+def test_resolved_method_defaults_are_unchanged(name):
+    flat = flatten_config(load_config(base={"method": {"name": name}}))
+    typed = flatten_config(RunConfig())
+    got = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("method.") and k != "method.name"}
+    got["prototype_head"] = flat["model.prototype_head"]
+    assert got == RESOLVED_BEFORE_REGISTRY[name]
+    # resolving a method touches only method.* and model.prototype_head
+    assert {k for k in flat if flat[k] != typed[k]} <= {f"method.{k}" for k in got} | {"method.name", "model.prototype_head"}
 
-    from pipeline.config import MethodName
 
-    assert set(METHOD_DEFAULTS) == set(get_args(MethodName))
+def test_every_builtin_method_is_pinned():
+    assert set(RESOLVED_BEFORE_REGISTRY) <= set(list_methods())
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_resolved_config_takes_every_method_default_from_the_registry(name):
+    spec = method_spec(name)
+    cfg = load_config(base={"method": {"name": name}})
+    assert {k: getattr(cfg.method, k) for k in spec.defaults} == dict(spec.defaults)
+    assert cfg.model.prototype_head == spec.prototype_head
+    assert None not in cfg.method.model_dump().values()
+
+
+def test_common_defaults_cover_exactly_the_method_dependent_keys():
+    # a new `method.*` key typed `| None` needs a common default, or it would stay None for some methods
+    unset = {k for k, f in MethodConfig.model_fields.items() if f.default is None}
+    assert set(COMMON_DEFAULTS) == unset
+
+
+def test_method_registered_at_runtime_is_a_valid_name(monkeypatch):
+    import pipeline.registry as registry
+    from pipeline.methods import TERM_CE
+
+    list_methods()  # the built-ins, before the table is swapped for a copy the test may grow
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    with pytest.raises(ConfigError, match=r"method\.name: 'runtime_ce' is not allowed; choose one of 'bcl', 'ce'"):
+        load_config(overrides=["method.name=runtime_ce"])
+    registry.register_method("runtime_ce", n_views=1, terms=(TERM_CE,), defaults={"alpha": 0.25})(lambda *a, **k: None)
+    cfg = load_config(overrides=["method.name=runtime_ce"])
+    assert cfg.method.name == "runtime_ce" and cfg.method.alpha == 0.25 and cfg.model.prototype_head == "linear"
 
 
 def test_config_errors_never_repeat_the_salt():

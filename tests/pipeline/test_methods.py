@@ -1,4 +1,7 @@
-"""Methods: totals against hand compositions of the pure losses, weights, normalisation state."""
+"""Methods: totals against hand compositions of the pure losses, weights, normalisation state.
+
+The contract tests run over `list_methods()`, so a newly registered method is checked without new test code.
+"""
 from __future__ import annotations
 
 import io
@@ -8,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pipeline.registry as registry
 from pipeline import losses
 from pipeline.config import MethodConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.registry import create_method, list_methods, register_method
+from pipeline.methods import TERM_CE, Method
+from pipeline.registry import HEADS, Term, create_method, heads_used, list_methods, method_spec, register_method
 
 B, C, D = 6, 4, 8
 COUNTS = np.array([300, 90, 25, 7])
@@ -193,7 +198,85 @@ def test_list_methods_all_and_pattern():
 
 def test_register_method_duplicate_name_raises():
     with pytest.raises(ValueError, match="'ecl' is already registered"):
-        register_method("ecl")(lambda cfg, counts: None)
+        register_method("ecl", n_views=1, terms=(TERM_CE,))(lambda cfg, counts: None)
+
+
+# -------------------------------------------------------------------------------------------- contract
+# which outputs of `return_all` carry a head's parameters: the classifier is reached through the logits,
+# its raw weight, or the prototypes phi(w)
+_HEAD_OUTPUTS = {"classifier": ("logits", "weight", "prototypes"), "projection": ("z",), "prototypes": ("prototypes",)}
+
+
+def _check_contract(name: str) -> Method:
+    """What every registered method must do under its registered defaults; returns the method built."""
+    spec = method_spec(name)
+    cfg = load_config(base={"method": {"name": name}}).method
+    method = create_method(cfg, COUNTS)
+    assert method.name == name and method.n_views == spec.n_views
+    want = {t.name: spec.defaults[t.weight] for t in spec.terms if spec.defaults[t.weight] > 0}
+    assert method.base_weights == want
+    out, y = _out(method.n_views, seed=3, requires_grad=True)
+    res = method(out, y)
+    assert set(res.terms) == set(want) and all(torch.isfinite(v) for v in res.terms.values())
+    assert res.total.item() == pytest.approx(sum(method.weights()[k] * v.item() for k, v in res.terms.items()), rel=1e-12)
+    res.total.backward()
+    reached = {k: v.grad is not None and bool(v.grad.abs().sum() > 0) for k, v in out.items()}
+    # the heads the registry says the active terms train are exactly those the gradient reaches
+    declared = heads_used(name, method.base_weights)
+    assert set(declared) == set(HEADS)
+    for head, outputs in _HEAD_OUTPUTS.items():
+        assert any(reached[o] for o in outputs) == declared[head], (name, head)
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    buf.seek(0)
+    again = create_method(cfg, COUNTS)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.weights() == method.weights()
+    return method
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_registered_method_keeps_the_contract(name):
+    _check_contract(name)
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry as a copy the test may grow; the built-ins are loaded first, and the real table returns after."""
+    list_methods()
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+
+
+def test_method_registered_in_a_test_loads_from_config_and_trains(scratch_registry):
+    smooth = Term("smooth", "alpha", frozenset({"classifier"}))
+
+    @register_method("toy_smooth", n_views=1, terms=(smooth,), defaults={"alpha": 0.5})
+    def _create(cfg: MethodConfig, class_counts: np.ndarray, **_) -> Method:
+        def terms(out: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"smooth": F.cross_entropy(out["logits"][:labels.shape[0]], labels, label_smoothing=0.1)}
+
+        return Method(cfg.name, 1, terms, {"smooth": cfg.alpha}, cfg.loss_weight_normalisation)
+
+    assert "toy_smooth" in list_methods()
+    cfg = load_config(overrides=["method.name=toy_smooth"])
+    assert (cfg.method.alpha, cfg.method.loss_weight_normalisation, cfg.model.prototype_head) == (0.5, "none", "linear")
+    method = _check_contract("toy_smooth")
+    out, y = _out(1, seed=4)
+    # label smoothing 0.1 by hand: (1 - 0.1) * NLL + 0.1 * mean over classes of -log p
+    logp = torch.log_softmax(out["logits"], dim=1)
+    hand = (0.9 * -logp[torch.arange(B), y] + 0.1 * -logp.mean(dim=1)).mean()
+    assert method(out, y).total.item() == pytest.approx(0.5 * hand.item(), rel=1e-12)
+    assert heads_used("toy_smooth", method.base_weights) == {"classifier": True, "projection": False, "prototypes": False}
+    assert "toy_smooth" in str(registry.unknown_method_message("toy_smoth"))
+
+
+def test_factory_that_disagrees_with_its_registration_is_refused(scratch_registry):
+    @register_method("toy_views", n_views=1, terms=(TERM_CE,))
+    def _create(cfg: MethodConfig, class_counts: np.ndarray, **_) -> Method:
+        return Method(cfg.name, 3, lambda out, labels: {}, {"ce": 1.0})
+
+    with pytest.raises(ValueError, match=r"'toy_views'.*built 3 view\(s\).*registered with n_views=1"):
+        create_method(load_config(overrides=["method.name=toy_views"]).method, COUNTS)
 
 
 def test_duality_proj_dim_mismatch_raises_config_error():
