@@ -138,7 +138,7 @@ def gram_heatmap_png(panels: Sequence[tuple[str, np.ndarray]], class_names: Sequ
 
     n = len(class_names)
     size = max(3.0, 0.45 * n + 1.5)
-    fig = Figure(figsize=(size * len(panels) + 1.0, size), dpi=100)
+    fig = Figure(figsize=(size * len(panels) + 1.0, size), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
@@ -156,7 +156,7 @@ def gram_heatmap_png(panels: Sequence[tuple[str, np.ndarray]], class_names: Sequ
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="cosine")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png")  # one draw: the constrained layout fits the labels
     return buf.getvalue()
 
 

@@ -352,24 +352,56 @@ def roc_pr_on_grid(scores: np.ndarray, positive: np.ndarray, grid: np.ndarray) -
     Sensitivity at false-positive rate g is the best sensitivity of a threshold whose FPR is <= g
     (the ROC step function); precision at recall r is the best precision of a threshold whose
     recall is >= r (the usual interpolated precision). The points are scikit-learn's
-    `roc_curve` / `precision_recall_curve` points (thresholds at the distinct scores), computed
-    here with one sort so a few hundred resamples stay cheap. Needs positives and negatives.
+    `roc_curve` / `precision_recall_curve` points (thresholds at the distinct scores). Needs
+    positives and negatives.
 
     Returns:
         (tpr [G], precision [G]).
     """
+    tpr, prec = _weighted_roc_pr_on_grid(scores, positive, np.ones((1, len(scores))), grid)
+    return tpr[0], prec[0]
+
+
+def _cumsum0(w: np.ndarray) -> np.ndarray:
+    """Row-wise cumulative sums with a leading 0 column ([B, M] -> [B, M + 1])."""
+    out = np.zeros((w.shape[0], w.shape[1] + 1), dtype=np.int64)
+    np.cumsum(w, axis=1, out=out[:, 1:])
+    return out
+
+
+def _weighted_roc_pr_on_grid(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray,
+                             grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`roc_pr_on_grid` for B resamples at once, each given as row multiplicities [B, N].
+
+    Why weights: a bootstrap resample is the original rows taken w times each, so one sort of the
+    original scores serves every resample; the cumulative counts at each distinct score are those
+    of the resample's own sort. A score drawn zero times repeats the previous point, which
+    changes neither the ROC step function nor the interpolated precision (the result equals
+    sorting each resample; tests/pipeline/test_stats.py checks it against the per-resample form).
+    """
     order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], positive[order].astype(np.int64)
+    s, pos = scores[order], np.asarray(positive, dtype=bool)[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
-    tps = np.cumsum(pos)[last].astype(np.float64)
-    fps = (last + 1) - tps
-    n_pos, n_neg = tps[-1], fps[-1]
-    tpr, fpr = np.r_[0.0, tps / n_pos], np.r_[0.0, fps / n_neg]
-    tpr_grid = tpr[np.searchsorted(fpr, grid, side="right") - 1]
-    precision, recall = tps / (tps + fps), tps / n_pos
-    best_after = np.maximum.accumulate(precision[::-1])[::-1]  # max precision at recall >= r
-    at = np.minimum(np.searchsorted(recall, grid, side="left"), len(recall) - 1)
-    return tpr_grid, best_after[at]
+    # cumulative weight of positives (negatives) up to each distinct score: one cumsum over each
+    # kind's own columns in score order, read at how many rows of that kind reach the score's last row
+    k_pos = np.cumsum(pos)[last]
+    k_neg = (last + 1) - k_pos
+    tps = _cumsum0(weights[:, order[pos]])[:, k_pos].astype(np.float64)
+    fps = _cumsum0(weights[:, order[~pos]])[:, k_neg].astype(np.float64)
+    n_pos, n_neg = tps[:, -1:], fps[:, -1:]
+    zeros = np.zeros((len(weights), 1))
+    tpr, fpr = np.hstack([zeros, tps / n_pos]), np.hstack([zeros, fps / n_neg])
+    drawn = tps + fps
+    precision = np.divide(tps, drawn, out=np.zeros_like(tps), where=drawn > 0)  # 0: nothing drawn yet
+    recall = tps / n_pos
+    best_after = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]  # max precision at recall >= r
+    tpr_grid = np.empty((len(weights), len(grid)))
+    prec_grid = np.empty((len(weights), len(grid)))
+    for b in range(len(weights)):  # one searchsorted per resample: the curves differ in their x values
+        tpr_grid[b] = tpr[b, np.searchsorted(fpr[b], grid, side="right") - 1]
+        at = np.minimum(np.searchsorted(recall[b], grid, side="left"), recall.shape[1] - 1)
+        prec_grid[b] = best_after[b, at]
+    return tpr_grid, prec_grid
 
 
 def curve_bands(probs: Any, labels: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.05,
@@ -391,14 +423,16 @@ def curve_bands(probs: Any, labels: Any, n_boot: int = 200, seed: int = 0, alpha
     valid = [0 < int((y == c).sum()) < len(y) for c in range(n_classes)]
     boot_tpr = [np.empty((n_boot, n_grid)) for _ in range(n_classes)]
     boot_prec = [np.empty((n_boot, n_grid)) for _ in range(n_classes)]
+    n = len(y)
     b0 = 0
     for idx, _, _ in _resample_blocks(y, n_classes, n_boot, seed):
-        for row in idx:
-            yb = y[row]
-            for c in range(n_classes):
-                if valid[c]:
-                    boot_tpr[c][b0], boot_prec[c][b0] = roc_pr_on_grid(p[row, c], yb == c, grid)
-            b0 += 1
+        b = len(idx)
+        flat = (idx + (np.arange(b, dtype=np.int64) * n)[:, None]).ravel()
+        weights = np.bincount(flat, minlength=b * n).reshape(b, n)  # row multiplicities per resample
+        for c in range(n_classes):
+            if valid[c]:
+                boot_tpr[c][b0:b0 + b], boot_prec[c][b0:b0 + b] = _weighted_roc_pr_on_grid(p[:, c], y == c, weights, grid)
+        b0 += b
     out: list[dict[str, np.ndarray] | None] = []
     q = [alpha / 2, 1 - alpha / 2]
     for c in range(n_classes):

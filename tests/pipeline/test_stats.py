@@ -292,3 +292,36 @@ def test_curve_bands_cover_the_curve_and_shrink_with_data():
         assert np.mean(small["tpr_hi"][inner] - small["tpr_lo"][inner]) > \
             2 * np.mean(large["tpr_hi"][inner] - large["tpr_lo"][inner])  # ~ sqrt(10) narrower
     assert S.curve_bands(p[y != 2], y[y != 2], n_boot=10)[2] is None
+
+
+def test_weighted_curves_equal_sorting_each_resample():
+    """The one-sort weighted form must give each resample's own curve (ties, rows drawn 0 times)."""
+    rng = np.random.default_rng(7)
+    pos = rng.random(150) < 0.25
+    scores = np.round(rng.normal(size=150) + pos, 1)
+    scores[np.argmax(scores)] += 1.0  # a top score ...
+    grid = np.linspace(0, 1, 41)
+    rows = [rng.integers(0, 150, 150) for _ in range(20)]
+    rows[0] = rows[0][rows[0] != np.argmax(scores)]  # ... that resample 0 never draws
+    rows[0] = np.r_[rows[0], rows[0][: 150 - len(rows[0])]]
+    weights = np.stack([np.bincount(r, minlength=150) for r in rows])
+    tpr_w, prec_w = S._weighted_roc_pr_on_grid(scores, pos, weights, grid)
+    for b, r in enumerate(rows):
+        tpr, prec = S.roc_pr_on_grid(scores[r], pos[r], grid)
+        np.testing.assert_array_equal(tpr_w[b], tpr)
+        np.testing.assert_array_equal(prec_w[b], prec)
+
+
+def test_curve_bands_are_the_quantiles_of_per_resample_curves():
+    p, y = _random_probs(400, 3, seed=5, signal=1.0)
+    n_boot, grid = 30, np.linspace(0, 1, 101)
+    per = {c: [] for c in range(3)}
+    for idx, _, _ in S._resample_blocks(y, 3, n_boot, 0):
+        for row in idx:
+            for c in range(3):
+                per[c].append(S.roc_pr_on_grid(p[row, c], y[row] == c, grid))
+    bands = S.curve_bands(p, y, n_boot=n_boot, seed=0)
+    for c in range(3):
+        tprs, precs = np.array([t for t, _ in per[c]]), np.array([q for _, q in per[c]])
+        np.testing.assert_allclose(bands[c]["tpr_lo"], np.quantile(tprs, 0.025, axis=0))
+        np.testing.assert_allclose(bands[c]["precision_hi"], np.quantile(precs, 0.975, axis=0))
