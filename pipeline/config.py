@@ -64,7 +64,7 @@ class PrepareConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Albumentations settings of the three training views (ecl-method.md, 'Views')."""
+    """Albumentations settings of the three training views (docs/method.md, "Model", views)."""
 
     crop_scale_min: float = Field(0.35, gt=0, le=1, description="random resized crop: smallest area fraction")
     hflip: bool = True
@@ -146,7 +146,6 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    split: Literal["train", "val", "test"] = "test"
     n_bootstrap: int = Field(1000, ge=100)
     bootstrap_seed: int = 0
     n_bins: int = Field(15, ge=2)

@@ -3,7 +3,7 @@
 Why it looks like this:
 - Images come from `data_prep.Cache` (a memory map; each worker maps it itself), so a worker does
   no decoding, only augmentation.
-- Views follow ecl-method.md ("Views"): view 0 is strong (random resized crop, flips and a
+- Views follow docs/method.md ("Model", views): view 0 is strong (random resized crop, flips and a
   RandAugment-like choice of `strong_ops` ops at `strong_magnitude`) and feeds the classifier;
   views 1 and 2 are SimCLR-like (random resized crop, flips, colour jitter with probability
   `color_jitter_p`, grayscale with probability `grayscale_p`) and feed the projection head.
@@ -415,7 +415,7 @@ def create_eval_loader(cache: Any, split: str, data_cfg: DataConfig, norm: dict[
         PipelineError: the split is empty.
     """
     if split not in ("train", "val", "test", "all"):
-        raise ConfigError(f"eval.split: {split!r} is not allowed; choose one of train, val, test, all.")
+        raise ConfigError(f"split {split!r} is not allowed; choose one of train, val, test, all.")
     rows = cache.split_indices(split)
     if len(rows) == 0:
         raise PipelineError(f"The cache {cache.path} has no images in split {split!r}; choose another split "

@@ -1,4 +1,4 @@
-"""Pure functional losses of ECL and its peers (names and shapes fixed in ecl-method.md).
+"""Pure functional losses of ECL and its peers (names and shapes fixed in docs/method.md, "Functional API").
 
 Why pure functions: the method layer (`pipeline.methods`) composes them with weights, views and
 cross-rank gathering; tests and external checks call them directly on hand-made tensors and
@@ -197,7 +197,7 @@ def balanced_contrastive_loss(
     lam: float = 0.5,
     reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
-    """Balanced contrastive loss with class prototypes (ecl-method.md, "L_BC").
+    """Balanced contrastive loss with class prototypes (docs/method.md, "L_BC").
 
     For anchor a (one of the N = 2B views) and class c, with S_ac the other anchors of class c
     (n_ac of them), s_ak = z_a.z_k / tau and q_ac = z_a.p_c / tau::
@@ -287,7 +287,7 @@ def balanced_contrastive_loss(
 def classifier_prototype_alignment(
     weight: Tensor, prototypes: Tensor, mode: Literal["duality", "gram"] = "duality"
 ) -> Tensor:
-    """Classifier-prototype geometric equilibrium term L_CC (ecl-method.md, "CC-GE").
+    """Classifier-prototype geometric equilibrium term L_CC (docs/method.md, "L_CC").
 
     - "duality" (ProConDual's ProDual): || W/||W||_F - P/||P||_F ||_F, Frobenius norm, not squared.
       Needs W and P of the same shape [C, D] (projection size equal to the feature size).

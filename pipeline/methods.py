@@ -1,4 +1,4 @@
-"""Training methods: which loss terms, on which views, with which weights (ecl-method.md).
+"""Training methods: which loss terms, on which views, with which weights (docs/method.md).
 
 A `Method` turns the network's `return_all` output into a weighted total loss:
 
@@ -370,7 +370,7 @@ def _create_balanced(cfg: MethodConfig, class_counts: np.ndarray, feature_dim: i
     return _build(cfg, terms)
 
 
-# BCL's defaults: its own mix and weight (ecl-method.md), no alignment term, BCL's MLP prototype head.
+# BCL's defaults: its own mix and weight (docs/method.md, "Peers"), no alignment term, BCL's MLP prototype head.
 register_method("bcl", n_views=3, terms=(TERM_LC, TERM_BC, TERM_CC), defaults=dict(mix="bcl", beta=0.35),
                 prototype_head="mlp")(_create_balanced)
 # ECL's defaults: normalisation anchored on L_LC and BCL's MLP prototype head were chosen on the validation

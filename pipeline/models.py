@@ -1,6 +1,6 @@
 """The ECL network: a timm backbone with a cosine classifier, a projection head and prototypes.
 
-Why this shape (ecl-method.md, "Model"): the backbone is any timm model created with
+Why this shape (docs/method.md, "Model"): the backbone is any timm model created with
 `num_classes=0`, so it returns pooled features h in R^d and the choice of architecture stays a
 config string. On top sit three small heads:
 

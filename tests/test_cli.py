@@ -56,8 +56,9 @@ def test_console_script_runs():
     assert out.returncode == 0 and "geometry" in out.stdout
 
 
-def test_parser_builds():
-    assert build_parser().prog == "ecl"
+def test_parser_reads_a_command_line_into_its_fields():
+    args = build_parser().parse_args(["evaluate", "--run", "runs/x", "--split", "val", "--n-bootstrap", "200"])
+    assert (args.command, args.run, args.split, args.n_bootstrap) == ("evaluate", "runs/x", "val", 200)
 
 
 def _one_line_error(capsys, rc: int) -> str:
@@ -139,16 +140,14 @@ def test_environment_fault_finds_sqlite_disk_full_inside_mlflow_errors():
     assert environment_fault(ValueError("a bug")) is None
 
 
+@pytest.mark.timeout(30)  # fails in seconds, never hangs on retries (the timeout is the check)
 def test_unreachable_tracking_server_fails_within_seconds(capsys):
     import socket
-    import time
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
     err = _one_line_error(capsys, main(["evaluate", "--run", "0" * 32, "--tracking-uri", f"http://127.0.0.1:{port}"]))
-    assert time.perf_counter() - t0 < 10
     assert f"tracking server http://127.0.0.1:{port} cannot be reached" in err
 
 

@@ -152,7 +152,7 @@ def collect_run(run_dir: Path, variant: str, seed: int, profile: str) -> dict[st
         "ece": m["ece"], "ece_calibrated": m.get("ece_calibrated"),
         "train_s": timing.get("train_s"), "evaluate_s": timing.get("evaluate_s"),
     }
-    for key in GEOMETRY_KEYS:  # projection space only: what the contrastive loss shapes (geometry.md)
+    for key in GEOMETRY_KEYS:  # projection space only: what the contrastive loss shapes (docs/geometry.md)
         row[f"proj_{key}"] = geo.get(f"projection/{key}") if payload["method"] not in ("ce", "la") else None
     return row
 

