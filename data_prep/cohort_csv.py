@@ -193,7 +193,6 @@ def read_csv_cohort(
     from .images import image_key
     from .io import file_sha256
     from .options import check_options
-    from .prepare_dermoscopy import SHARD_SIZE
 
     check_options(options)
     table = read_cohort_csv(manifest_csv, image_root, image_column, label_column, group_column)
@@ -208,4 +207,4 @@ def read_csv_cohort(
     return Cohort(kind=kind, source="isic_archive" if table.archive else "csv", items=[str(p) for p in table.paths],
                   item_rows=[1] * len(table.paths), images=list(table.images), labels=labels, groups=list(table.groups),
                   metadata=metadata.reset_index(drop=True), class_names=list(table.class_names), key=key, splits=splits,
-                  notices=notices, where=str(manifest_csv), shard_size=SHARD_SIZE)
+                  notices=notices, where=str(manifest_csv))

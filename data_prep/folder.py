@@ -44,8 +44,6 @@ def read_folder(root: str | os.PathLike, options: PrepareOptions) -> Cohort:
         DataPrepError: the root is not a folder, holds fewer than two class folders, or a class
             folder holds no image; or a split file does not match the image names.
     """
-    from .prepare_dermoscopy import SHARD_SIZE
-
     check_options(options)
     root = Path(root)
     if not root.is_dir():
@@ -82,7 +80,7 @@ def read_folder(root: str | os.PathLike, options: PrepareOptions) -> Cohort:
     return Cohort(kind="image", source="folder", items=[str(p) for p in paths], item_rows=[1] * len(paths), images=names,
                   labels=labels, groups=groups, metadata=pd.DataFrame(index=range(len(names))),
                   class_names=[p.name for p in classes], key=image_key("folder", names, paths), splits=splits,
-                  notices=notices, where=str(root), shard_size=SHARD_SIZE, rename=_Rename(shown))
+                  notices=notices, where=str(root), rename=_Rename(shown))
 
 
 class _Rename:

@@ -2,8 +2,8 @@
 
 Why: refactoring the cache builder must not change a pixel. Each checkout prepares, in its own
 process (PYTHONPATH = that checkout), an ISIC 2019 cohort, the same images as a generic CSV, an
-ISIC 2019 cohort with quarantine (on_error=skip) and colour constancy, and a synthetic DICOM and
-NIfTI lung-CT cohort; then pixels.u8, index.npy and manifest.csv of each pair are compared by
+ISIC 2019 cohort with quarantine (on_error=skip) and colour constancy, and a synthetic DICOM
+lung-CT cohort (two settings, and once with damaged slices quarantined); then pixels.u8, index.npy and manifest.csv of each pair are compared by
 SHA-256. The inputs are generated once (by the first checkout) and shared.
 
     python scripts/compare_caches.py /work/main /work/wt/cohort [--work DIR]
@@ -38,6 +38,10 @@ broken = shutil.copytree(d["images"], work / "broken")
 for p in sorted(broken.glob("*.jpg"))[3:6]:
     p.write_bytes(p.read_bytes()[:200])
 c = generate_ct(work / "ct", n_patients=8, seed=3, slices=20, size=48)
+ct_broken = shutil.copytree(c["images"], work / "ct-broken")
+slices = sorted(ct_broken.rglob("*.dcm"))
+for p in (slices[7], slices[-3]):  # pixel data cut short: the series fails when decoded, the header still reads
+    p.write_bytes(p.read_bytes()[:-200])
 """
 
 _BUILD = r"""
@@ -57,6 +61,8 @@ ct = work / "ct"
 labels = next(ct.rglob("labels.csv"))
 ct_images = next(p for p in ct.iterdir() if p.is_dir())
 data_prep.prepare_ct(ct_images, labels, out / "ct", PrepareOptions(salt="compare-salt", ct_image_size=32, workers=2))
+data_prep.prepare_ct(work / "ct-broken", labels, out / "ct-skip", PrepareOptions(salt="compare-salt", ct_image_size=32,
+                     on_error="skip", workers=1))
 data_prep.prepare_ct(ct_images, labels, out / "ct-adjacent", PrepareOptions(salt="compare-salt", ct_image_size=24,
                      channels="adjacent", slices_per_lesion=2, split_seed=3, workers=1))
 """
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (work / name / "ct-adjacent" / "cache.json").is_file():
             _run(root.resolve(), _BUILD, str(inputs.resolve()), str((work / name).resolve()))
     ok = True
-    for cache in ("isic", "csv", "skip", "ct", "ct-adjacent"):
+    for cache in ("isic", "csv", "skip", "ct", "ct-skip", "ct-adjacent"):
         same = {f: _sha(work / "before" / cache / f) == _sha(work / "after" / cache / f) for f in FILES}
         q = [work / side / cache / "quarantine.csv" for side in ("before", "after")]
         if q[0].is_file() or q[1].is_file():
