@@ -7,7 +7,12 @@ usual clinical metadata (age, site, sex) are kept, since the rest (attribution, 
 says nothing about the patient's skin.
 
 Image values may carry a file suffix (`img/001.png`, relative to the image root) or not
-(`001`, then `.jpg`, `.jpeg` and `.png` are tried).
+(`001`, then `.jpg`, `.jpeg` and `.png` are tried). The image column's values are the cohort's
+own ids and become the manifest's image names as written (the user chose them for the CSV);
+they are never replaced by the resolved file path.
+
+`read_csv_cohort` turns the checked table into a `cohort.Cohort`: kind "image" for a generic
+CSV (no dermoscopy-specific assumption), "dermoscopy" for an ISIC Archive export.
 """
 from __future__ import annotations
 
@@ -18,19 +23,21 @@ from typing import Sequence
 
 import pandas as pd
 
+from .cohort import Cohort
 from .errors import DataPrepError
 from .io import read_user_csv
 from .isic import format_items, METADATA_COLUMNS
+from .options import PrepareOptions
 
-__all__ = ["Cohort", "read_cohort_csv", "is_archive_export"]
+__all__ = ["CohortTable", "read_cohort_csv", "read_csv_cohort", "is_archive_export"]
 
 _ARCHIVE_IMAGE, _ARCHIVE_LABEL, _ARCHIVE_GROUP = "isic_id", "diagnosis", "lesion_id"
 _TRY_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
 @dataclass
-class Cohort:
-    """A checked cohort: one entry per image, in CSV order."""
+class CohortTable:
+    """A checked cohort CSV: one entry per image, in CSV order."""
 
     images: list[str]
     paths: list[Path]
@@ -39,6 +46,7 @@ class Cohort:
     metadata: pd.DataFrame
     class_names: list[str]
     notices: list[str] = field(default_factory=list)
+    archive: bool = False  # an ISIC Archive export (dermoscopy)
 
 
 def is_archive_export(columns: Sequence[str]) -> bool:
@@ -77,7 +85,7 @@ def read_cohort_csv(
     label_column: str = "label",
     group_column: str = "group",
     class_names: Sequence[str] | None = None,
-) -> Cohort:
+) -> CohortTable:
     """Read and check a cohort CSV; every listed image must exist under `image_root`.
 
     Args:
@@ -161,5 +169,42 @@ def read_cohort_csv(
     else:
         keep = [c for c in df.columns if c not in (image_column, label_column, group_column)]
     metadata = df[keep].reset_index(drop=True)
-    return Cohort(images=list(images), paths=paths, labels=list(labels), groups=groups, metadata=metadata,
-                  class_names=class_names, notices=notices)
+    return CohortTable(images=list(images), paths=paths, labels=list(labels), groups=groups, metadata=metadata,
+                       class_names=class_names, notices=notices, archive=archive)
+
+
+def read_csv_cohort(
+    manifest_csv: str | os.PathLike,
+    image_root: str | os.PathLike,
+    options: PrepareOptions,
+    image_column: str = "image",
+    label_column: str = "label",
+    group_column: str = "group",
+) -> Cohort:
+    """A generic `image,label[,group][,metadata...]` CSV (or an ISIC Archive export) as a `Cohort`.
+
+    Class names are the labels present, sorted alphabetically. Metadata columns named `split`
+    are dropped (the split comes from `make_split` or `options.split_file`).
+
+    Raises:
+        DataPrepError: any fault in the CSV, a split file, or a missing image; nothing is decoded.
+    """
+    from .build import fixed_splits
+    from .images import image_key
+    from .io import file_sha256
+    from .options import check_options
+
+    check_options(options)
+    table = read_cohort_csv(manifest_csv, image_root, image_column, label_column, group_column)
+    metadata = table.metadata.drop(columns=[c for c in table.metadata.columns if c in ("image", "label", "split", "group")])
+    notices = list(table.notices)
+    labels: list[str | None] = list(table.labels)
+    kind = "dermoscopy" if table.archive else "image"
+    splits = fixed_splits(table.images, table.groups, labels, options, notices)
+    key = image_key("csv", table.images, table.paths, manifest=file_sha256(manifest_csv),
+                    columns=f"{image_column},{label_column},{group_column}")
+    key["kind"] = kind  # caches of generic CSVs built before kind "image" existed are rebuilt, not reused
+    return Cohort(kind=kind, source="isic_archive" if table.archive else "csv", items=[str(p) for p in table.paths],
+                  item_rows=[1] * len(table.paths), images=list(table.images), labels=labels, groups=list(table.groups),
+                  metadata=metadata.reset_index(drop=True), class_names=list(table.class_names), key=key, splits=splits,
+                  notices=notices, where=str(manifest_csv))

@@ -1,4 +1,4 @@
-"""Decoding one dermoscopy image the way every cache is built (and `ecl predict` reuses).
+"""Decoding one 2D image file (dermoscopy or any generic image cohort) the way every cache is built (and `ecl predict` reuses).
 
 Why a single function: training and prediction must see the same pixels, so the JPEG decode,
 the resize and the optional colour constancy live here and nowhere else.
@@ -12,14 +12,17 @@ above the target, then finish with an antialiased resize. Truncated files are ne
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+import PIL
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import DataPrepError
 
-__all__ = ["load_image_file", "shades_of_gray", "target_size", "IMAGE_SUFFIXES", "DECODE_VERSION"]
+__all__ = ["load_image_file", "shades_of_gray", "target_size", "IMAGE_SUFFIXES", "DECODE_VERSION", "ImageDecode", "image_key"]
 
 #: Bumped whenever `load_image_file` decodes the same file into other pixels (2: EXIF orientation
 #: honoured, 16-bit PNGs scaled instead of clipped), so caches built by an older decoder are rebuilt.
@@ -127,3 +130,33 @@ def load_image_file(path: str | os.PathLike, short_side: int = 256, color_consta
     if color_constancy:
         out = shades_of_gray(out, p=6)
     return np.ascontiguousarray(out)
+
+
+@dataclass(frozen=True)
+class ImageDecode:
+    """The decode step of every 2D image cohort: one file -> [its uint8 RGB image] (picklable for workers)."""
+
+    short_side: int
+    color_constancy: bool = False
+
+    def __call__(self, path: str | os.PathLike) -> list[np.ndarray]:
+        return [load_image_file(path, short_side=self.short_side, color_constancy=self.color_constancy)]
+
+
+def image_key(source: str, names: Sequence[str], paths: Sequence[Path], **files: str | None) -> dict[str, Any]:
+    """Build-key parts of a 2D image cohort: decoder versions, listing files' hashes, (name, file name, size) per image.
+
+    Why sizes and not contents: re-checking 25,000 JPEGs then costs a directory listing, not 9 GB
+    of reading; replacing an image by another of exactly the same size is the one change this
+    misses (delete the cache folder to force a rebuild).
+    """
+    from .cache import FORMAT_VERSION
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "decode_version": DECODE_VERSION,
+        "pil": PIL.__version__,
+        "source": source,
+        "files": dict(files),
+        "images": [[name, p.name, p.stat().st_size] for name, p in zip(names, paths)],
+    }

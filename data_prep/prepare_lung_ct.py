@@ -21,7 +21,11 @@ Order of work, cheapest first:
    Each shard is written atomically; an interrupted run resumes with the missing shards.
 5. Finalize: manifest columns image, label, split, group, patient, series, lesion, slice, where
    image = f"{patient}_l{lesion}_s{slice}", group = patient = the patient pseudonym, series = the
-   series pseudonym; meta {"kind": "ct", "class_names", "options", "notices"}.
+   series pseudonym; meta {"kind": "ct", "class_names", "options", "preprocessing", "notices"}.
+
+Steps 1-3 are this module's (`read_ct` returns the `cohort.Cohort`: one item per series, its
+rows the series' images); steps 4-5, the shards, workers, resume and quarantine, are
+`build.build_cache`, shared with every other format.
 
 Labels CSV: a key column (patient_id, study_uid or series_uid), `label`, and optionally a lesion
 centre as `center_x_mm, center_y_mm, center_z_mm` (world, DICOM LPS) or `center_i, center_j,
@@ -48,8 +52,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import json
-import multiprocessing
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -58,20 +60,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from .cache import FORMAT_VERSION, CacheWriter
-from .ct import CHANNEL_MODES, lesion_cube, lung_sample_points, planes_2d, resample_isotropic, slice_offsets, crop_cube, cube_size
+from .build import build_cache, fixed_splits, is_up_to_date
+from .cache import FORMAT_VERSION
+from .cohort import Cohort
+from .ct import lesion_cube, lung_sample_points, planes_2d, resample_isotropic, slice_offsets, crop_cube, cube_size
 from .deid import pseudonym
 from .dicom import SeriesInfo, Volume, check_geometry, index_dicom_tree, read_series_volume
 from .errors import DataPrepError
-from .io import atomic_write_text, bytes_sha256, file_sha256, read_user_csv
-from .manifest import read_split_file
+from .io import file_sha256, read_user_csv
 from .nifti import NIFTI_SUFFIXES, is_nifti2, load_nifti, nifti2_volume, nifti_stem
-from .options import PrepareOptions
-from .splits import check_trainable, make_split
+from .options import PrepareOptions, check_options
 
-__all__ = ["prepare_ct", "SHARD_SERIES", "LABEL_KEYS"]
+__all__ = ["prepare_ct", "read_ct", "SHARD_SERIES", "LABEL_KEYS"]
 
 SHARD_SERIES = 4
 LABEL_KEYS = {"patient": "patient_id", "study": "study_uid", "series": "series_uid"}
@@ -102,18 +103,6 @@ class _Task:
     lesions: list[_Lesion]
     rel: str                      # folder or file relative to images_dir, for quarantine
     images: list[tuple[str, str, int, int]] = field(default_factory=list)  # (image, label, lesion, slice)
-
-
-def _check_options(o: PrepareOptions) -> None:
-    if o.on_error not in ("stop", "skip"):
-        raise DataPrepError(f"prepare.on_error is {o.on_error!r}; use 'stop' or 'skip'.")
-    if o.label_key not in LABEL_KEYS:
-        raise DataPrepError(f"prepare.label_key is {o.label_key!r}; use one of {', '.join(LABEL_KEYS)}.")
-    if o.channels not in CHANNEL_MODES:
-        raise DataPrepError(f"prepare.channels is {o.channels!r}; use one of {', '.join(CHANNEL_MODES)}.")
-    if not o.spacing_mm > 0 or not o.crop_mm > 0 or o.ct_image_size < 8 or o.slices_per_lesion < 1:
-        raise DataPrepError(f"prepare: spacing_mm ({o.spacing_mm}) and crop_mm ({o.crop_mm}) must be positive, "
-                            f"ct_image_size ({o.ct_image_size}) at least 8 and slices_per_lesion ({o.slices_per_lesion}) at least 1.")
 
 
 def _num(value: str, path: Path, row: int, col: str) -> float | None:
@@ -183,22 +172,6 @@ def _list_inputs(images_dir: Path) -> tuple[list[Path], list[Path]]:
     files = [p for p in sorted(images_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     nifti = [p for p in files if p.name.lower().endswith(NIFTI_SUFFIXES)]
     return files, nifti
-
-
-def _build_key(images_dir: Path, files: list[Path], labels_csv: Path, options: PrepareOptions, salt: str) -> str:
-    public = options.public_dict()
-    public.pop("workers", None)
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "kind": "ct",
-        "files": [[p.relative_to(images_dir).as_posix(), p.stat().st_size] for p in files],
-        "labels": file_sha256(labels_csv),
-        "split_file": file_sha256(options.split_file) if options.split_file else None,
-        "options": public,
-        # an HMAC under the salt, not the salt: a new salt gives new pseudonyms, hence a rebuild
-        "salt": hmac.new(salt.encode("utf-8"), b"ecl-ct-build-key", hashlib.sha256).hexdigest(),
-    }
-    return bytes_sha256(json.dumps(payload, sort_keys=True, default=str))
 
 
 def _position_order(info: SeriesInfo) -> list[int]:
@@ -458,26 +431,47 @@ def _cut(task: _Task, options: dict[str, Any]) -> list[np.ndarray]:
     return out
 
 
-def _run_shard(job: tuple[int, list[_Task], dict[str, Any]]) -> tuple[int, list[np.ndarray], list[str], list[dict[str, str]]]:
-    """Cut every series of a shard; a failing series is reported, not raised (the parent decides)."""
-    k, tasks, options = job
-    images: list[np.ndarray] = []
-    names: list[str] = []
-    failures: list[dict[str, str]] = []
-    for t in tasks:
+class _SeriesDecode:
+    """The decode step of a CT cohort: one series task -> its lesion (or lung) images (picklable for workers).
+
+    Why a wrapper around `_cut`: a reader's own error (SimpleITK, numpy) quotes paths; it becomes
+    this series' DataPrepError, so its text goes through the parent's `_Namer` like every other message.
+    """
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+
+    def __call__(self, task: _Task) -> list[np.ndarray]:
         try:
-            got = _cut(t, options)
-        except DataPrepError as err:
-            failures.append({"file": _rel(err.path, Path(options["root"])), "series": t.series, "reason": str(err)})
-            continue
-        except Exception as exc:  # noqa: BLE001 - a reader's own error (SimpleITK, numpy) quotes paths: report it
-            # as this series' fault, so its text goes through the parent's _Namer like every other message
-            failures.append({"file": "", "series": t.series,
-                             "reason": f"{t.name}: cutting the series failed ({type(exc).__name__}: {exc})"})
-            continue
-        images.extend(got)
-        names.extend(img for img, *_ in t.images)
-    return k, images, names, failures
+            return _cut(task, self.options)
+        except DataPrepError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            raise DataPrepError(f"{task.name}: cutting the series failed ({type(exc).__name__}: {exc})") from None
+
+
+class _CtRename:
+    """Decode faults as they may be shown: input paths relative to the root, then through the `_Namer`."""
+
+    def __init__(self, root: Path, namer: _Namer):
+        self.root = root
+        self.namer = namer
+
+    def __call__(self, item: int, err: DataPrepError) -> DataPrepError:
+        return DataPrepError(self.namer(str(err)), self.namer(_rel(err.path, self.root)))
+
+
+def _key_parts(images_dir: Path, files: list[Path], labels_csv: Path, salt: str) -> dict[str, Any]:
+    """Build-key parts (build.cache_key adds the split file and the options): input names and sizes,
+    the labels CSV's content hash and an HMAC under the salt (a new salt gives new pseudonyms, hence a
+    rebuild; the salt itself never appears)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "ct",
+        "files": [[p.relative_to(images_dir).as_posix(), p.stat().st_size] for p in files],
+        "labels": file_sha256(labels_csv),
+        "salt": hmac.new(salt.encode("utf-8"), b"ecl-ct-build-key", hashlib.sha256).hexdigest(),
+    }
 
 
 def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out_dir: str | os.PathLike,
@@ -501,7 +495,7 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
             an unreadable file (with on_error="stop"), or nothing left after quarantine.
     """
     options = options or PrepareOptions()
-    _check_options(options)
+    check_options(options)
     salt = options.resolved_salt()
     images_dir, labels_csv, out_dir = Path(images_dir), Path(labels_csv), Path(out_dir)
     if not images_dir.is_dir():
@@ -509,16 +503,14 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
     key_col = LABEL_KEYS[options.label_key]
     labels, class_names = _read_labels(labels_csv, key_col)
     files, nifti = _list_inputs(images_dir)
-    key = _build_key(images_dir, files, labels_csv, options, salt)
-    writer = CacheWriter(out_dir, key)
-    if writer.is_complete():
-        print(f"cache up to date: {out_dir}")
+    # before any DICOM header is read: an unchanged cohort costs a directory listing
+    if is_up_to_date(out_dir, _key_parts(images_dir, files, labels_csv, salt), options):
         return out_dir
 
     namer = _Namer(images_dir, files)
     faults = _Faults(options.on_error, images_dir, namer)
     try:
-        return _prepare(images_dir, labels_csv, out_dir, options, salt, labels, class_names, nifti, writer, faults)
+        return _prepare(images_dir, labels_csv, out_dir, options, salt, labels, class_names, files, nifti, faults)
     except DataPrepError as err:
         raise namer.error(err) from None
     except OSError as exc:  # a machine fault (disk full, permissions): keep its errno, rename its file
@@ -529,9 +521,37 @@ def prepare_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, out
 
 
 def _prepare(images_dir: Path, labels_csv: Path, out_dir: Path, options: PrepareOptions, salt: str,
-             labels: dict[str, list[_Lesion]], class_names: list[str], nifti: list[Path], writer: CacheWriter,
+             labels: dict[str, list[_Lesion]], class_names: list[str], files: list[Path], nifti: list[Path],
              faults: _Faults) -> Path:
-    """The work of `prepare_ct` after the cheap checks; every DataPrepError leaves through `_Namer`."""
+    """Read the cohort and build its cache; every DataPrepError leaves `prepare_ct` through `_Namer`."""
+    cohort = _read(images_dir, labels_csv, options, salt, labels, class_names, files, nifti, faults)
+    opts = {"spacing_mm": options.spacing_mm, "crop_mm": options.crop_mm, "ct_image_size": options.ct_image_size,
+            "channels": options.channels, "slices_per_lesion": options.slices_per_lesion, "root": str(images_dir)}
+    return build_cache(cohort, _SeriesDecode(opts), out_dir, options, "ct")
+
+
+def read_ct(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, options: PrepareOptions) -> Cohort:
+    """Read and check a lung-CT cohort (headers only, no pixels) as a `Cohort` of series tasks.
+
+    Messages are renamed by `_Namer` (pseudonyms and positions, never input paths). Decode its
+    items with `_SeriesDecode`, as `prepare_ct` does.
+    """
+    check_options(options)
+    salt = options.resolved_salt()
+    images_dir, labels_csv = Path(images_dir), Path(labels_csv)
+    labels, class_names = _read_labels(labels_csv, LABEL_KEYS[options.label_key])
+    files, nifti = _list_inputs(images_dir)
+    namer = _Namer(images_dir, files)
+    try:
+        return _read(images_dir, labels_csv, options, salt, labels, class_names, files, nifti,
+                     _Faults(options.on_error, images_dir, namer))
+    except DataPrepError as err:
+        raise namer.error(err) from None
+
+
+def _read(images_dir: Path, labels_csv: Path, options: PrepareOptions, salt: str, labels: dict[str, list[_Lesion]],
+          class_names: list[str], files: list[Path], nifti: list[Path], faults: _Faults) -> Cohort:
+    """Steps 2-3 of the module docstring: series matched to label rows, geometry and centres checked."""
     if nifti:
         from .dicom import DICOM_SUFFIXES, _is_part10
 
@@ -563,7 +583,7 @@ def _prepare(images_dir: Path, labels_csv: Path, out_dir: Path, options: Prepare
         good.append(t)
     if not good:
         raise DataPrepError(f"{images_dir}: no series left to prepare ({len(faults.rows)} quarantined; see the reasons above "
-                            f"or in {out_dir / 'quarantine.csv'}).", str(images_dir))
+                            f"or in quarantine.csv).", str(images_dir))
     # lesion numbers run per patient over its rows, so names stay unique when a patient has several series
     lesion_no: dict[str, int] = defaultdict(int)
     for t in good:
@@ -573,89 +593,23 @@ def _prepare(images_dir: Path, labels_csv: Path, out_dir: Path, options: Prepare
             for s in range(options.slices_per_lesion):
                 t.images.append((f"{t.patient}_l{les.lesion}_s{s}", les.label, les.lesion, s))
 
-    names = [img for t in good for img, *_ in t.images]
-    groups = [t.patient for t in good for _ in t.images]
+    rows = [(t, img, lab, les, s) for t in good for img, lab, les, s in t.images]
+    names = [img for _, img, *_ in rows]
+    groups: list[str | None] = [t.patient for t, *_ in rows]
+    row_labels: list[str | None] = [lab for _, _, lab, _, _ in rows]
     notices: list[str] = []
-    # a split file is checked now (a typo costs a second); a generated split is drawn after decoding, over
-    # the images actually kept, so that a quarantined series cannot leave a class without training images
-    file_split = dict(zip(names, read_split_file(options.split_file, names, groups))) if options.split_file else None
+    splits = fixed_splits(names, groups, row_labels, options, notices)
+    metadata = pd.DataFrame({"patient": [t.patient for t, *_ in rows], "series": [t.series for t, *_ in rows],
+                             "lesion": [les for *_, les, _ in rows], "slice": [s for *_, s in rows]})
+    from . import ct as _ct
 
-    writer.start()
-    n_shards = (len(good) + SHARD_SERIES - 1) // SHARD_SERIES
-    opts = {"spacing_mm": options.spacing_mm, "crop_mm": options.crop_mm, "ct_image_size": options.ct_image_size,
-            "channels": options.channels, "slices_per_lesion": options.slices_per_lesion, "root": str(images_dir)}
-    jobs = [(k, good[k * SHARD_SERIES:(k + 1) * SHARD_SERIES], opts) for k in range(n_shards)
-            if not (writer.has_shard(k) and _rows_path(writer, k).is_file())]
-    if len(jobs) < n_shards:
-        print(f"resuming: {n_shards - len(jobs)} of {n_shards} shards already built")
-    workers = max(1, min(options.n_workers, len(jobs)))
-    with tqdm(total=n_shards, initial=n_shards - len(jobs), desc="CT series", unit="shard", disable=None) as bar:
-        if workers == 1:
-            _store(map(_run_shard, jobs), writer, faults, bar)
-        else:
-            with multiprocessing.get_context().Pool(workers) as pool:
-                _store(pool.imap(_run_shard, jobs), writer, faults, bar)
-
-    stored: list[str] = []
-    fresh = {job[0] for job in jobs}
-    for k in range(n_shards):
-        rec = json.loads(_rows_path(writer, k).read_text(encoding="utf-8"))
-        stored.extend(rec["images"])
-        if k not in fresh:  # failures of shards built by an earlier, interrupted run
-            faults.rows.extend(rec["failures"])
-    if not stored:
-        raise DataPrepError(f"{images_dir}: every series failed; see {out_dir / 'quarantine.csv'}.", str(images_dir))
-    info = {img: (lab, les, s, t.patient, t.series) for t in good for img, lab, les, s in t.images}
-    if file_split is not None:
-        split_of = file_split
-        notices.append("splits read from the split file")
-    else:
-        kept_splits, split_notices = make_split([info[i][0] for i in stored], [info[i][3] for i in stored],
-                                                options.fractions, options.split_seed)
-        split_of = dict(zip(stored, kept_splits))
-        notices.extend(split_notices)
-    lost = [c for c in class_names if c not in {info[i][0] for i in stored}]
-    if lost:
-        notices.append(f"class(es) {', '.join(lost)} lost every series to quarantine and are left out")
-    manifest = pd.DataFrame({
-        "image": stored,
-        "label": [info[i][0] for i in stored],
-        "split": [split_of[i] for i in stored],
-        "group": [info[i][3] for i in stored],
-        "patient": [info[i][3] for i in stored],
-        "series": [info[i][4] for i in stored],
-        "lesion": [info[i][1] for i in stored],
-        "slice": [info[i][2] for i in stored],
-    })
-    quarantine_csv = out_dir / "quarantine.csv"
-    if faults.skip:
-        atomic_write_text(quarantine_csv, pd.DataFrame(faults.rows, columns=["file", "series", "reason"]).to_csv(index=False, lineterminator="\n"))
-        if faults.rows:
-            notices.append(f"{len(faults.rows)} input(s) quarantined; see quarantine.csv")
-    elif quarantine_csv.is_file():
-        quarantine_csv.unlink()
-    for notice in notices:
-        print(f"notice: {notice}")
-    check_trainable(list(manifest["label"]), list(manifest["split"]), str(labels_csv), len(faults.rows), generated=file_split is None)
-    present = set(manifest["label"])
-    meta = {"kind": "ct", "class_names": [c for c in class_names if c in present], "options": options.public_dict(), "notices": notices}
-    writer.finalize(manifest, n_shards, meta)
-    counts = manifest.groupby("split").size().to_dict()
-    print(f"prepared {len(manifest)} images from {manifest['patient'].nunique()} patients into {out_dir} "
-          f"({', '.join(f'{s}: {c}' for s, c in sorted(counts.items()))})")
-    return out_dir
-
-
-def _rows_path(writer: CacheWriter, k: int) -> Path:
-    return writer.build_dir / f"rows-{k:06d}.json"
-
-
-def _store(results, writer: CacheWriter, faults: _Faults, bar) -> None:
-    for k, images, names, failures in results:
-        failures = [{"file": faults.namer(f["file"]), "series": f["series"], "reason": faults.namer(f["reason"])} for f in failures]
-        for f in failures:
-            faults(DataPrepError(f["reason"], f["file"]), f["series"])
-        # the row list goes first: a shard on disk always has its rows beside it
-        atomic_write_text(_rows_path(writer, k), json.dumps({"images": names, "failures": failures}))
-        writer.write_shard(k, images)
-        bar.update(1)
+    windows = getattr(_ct, "WINDOWS", None)
+    return Cohort(
+        kind="ct", source="ct", items=good, item_rows=[len(t.images) for t in good], images=names, labels=row_labels,
+        groups=groups, metadata=metadata, class_names=list(class_names), key=_key_parts(images_dir, files, labels_csv, salt),
+        splits=splits, notices=notices, where=str(labels_csv), shard_size=SHARD_SERIES,
+        rename=_CtRename(images_dir, faults.namer),
+        quarantine_row=lambda item, err: {"file": err.path or "", "series": good[item].series, "reason": str(err)},
+        quarantine_columns=("file", "series", "reason"), quarantined=faults.rows, drop_absent_classes=True, what="series",
+        preprocessing={"windows": {k: list(v) for k, v in windows.items()}} if isinstance(windows, dict) else {},
+    )

@@ -27,7 +27,7 @@ from .errors import PipelineError
 
 __all__ = [
     "TrainedModel", "save_checkpoint", "load_checkpoint", "load_trained_model", "set_temperature",
-    "resolve_checkpoint", "write_calibration", "read_calibration", "BEST", "LAST", "CALIBRATION",
+    "resolve_checkpoint", "write_calibration", "read_calibration", "preprocessing_from_meta", "BEST", "LAST", "CALIBRATION",
 ]
 
 BEST = "checkpoint-best.pt"
@@ -52,8 +52,29 @@ class TrainedModel:
     preprocessing: dict[str, Any] | None = None  # kind, short_side, color_constancy of the training cache
 
 
+def preprocessing_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A cache's preprocessing record (kind, short_side, color_constancy, CT crop and window settings).
+
+    Caches record it in cache.json under "preprocessing" (`data_prep.build.preprocessing_record`);
+    for a cache built before that, it is derived from the cache's recorded options. An option the
+    cache does not record stays None.
+    """
+    pre = meta.get("preprocessing")
+    if isinstance(pre, dict) and pre.get("kind"):
+        return dict(pre)
+    options = meta.get("options", {}) or {}
+    kind = str(meta.get("kind", "dermoscopy"))
+    if kind == "ct":
+        size = options.get("ct_image_size")
+        return {"kind": "ct", "short_side": int(size) if size else None, "color_constancy": False,
+                "channels": options.get("channels")}
+    size = options.get("short_side")
+    return {"kind": kind, "short_side": int(size) if size else None,
+            "color_constancy": bool(options.get("color_constancy", False))}
+
+
 def _cache_preprocessing(config: Any) -> dict[str, Any] | None:
-    """How the training cache turned files into pixels (its kind and options), read from its cache.json.
+    """How the training cache turned files into pixels, read from its cache.json (`preprocessing_from_meta`).
 
     Why in the checkpoint: `ecl predict` must decode new images exactly like the cache did, and
     on another machine the cache is not there to ask (a CT model would otherwise be fed images
@@ -66,18 +87,9 @@ def _cache_preprocessing(config: Any) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads((Path(cache) / "cache.json").read_text(encoding="utf-8"))
-        options = meta.get("options", {}) or {}
-        kind = str(meta.get("kind", "dermoscopy"))
+        return preprocessing_from_meta(meta)
     except (OSError, ValueError, AttributeError):
         return None
-    # an option the cache does not record stays None: predict then takes it from the run's prepare config
-    if kind == "ct":
-        size = options.get("ct_image_size")
-        return {"kind": "ct", "short_side": int(size) if size else None, "color_constancy": False,
-                "channels": options.get("channels")}
-    size = options.get("short_side")
-    return {"kind": kind, "short_side": int(size) if size else None,
-            "color_constancy": bool(options.get("color_constancy", False))}
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

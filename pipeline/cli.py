@@ -67,17 +67,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _prepare_options(args: argparse.Namespace):
-    from data_prep import PrepareOptions
-
+    """The config's prepare section with the command line's flags on top, as data_prep.PrepareOptions."""
     cfg = _load_cfg(args)
-    opts = cfg.prepare.model_dump()
+    overrides: dict = {}
     if args.on_error:
-        opts["on_error"] = args.on_error
+        overrides["on_error"] = args.on_error
     if getattr(args, "split_file", None):
-        opts["split_file"] = str(args.split_file)
+        overrides["split_file"] = str(args.split_file)
     if args.workers:
-        opts["workers"] = args.workers
-    return PrepareOptions(**opts)
+        overrides["workers"] = args.workers
+    return cfg.prepare.to_options(**overrides)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -89,6 +88,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     elif args.kind == "csv":
         out = data_prep.prepare_csv(args.manifest, args.image_root, args.out, opts, image_column=args.image_column,
                                     label_column=args.label_column, group_column=args.group_column)
+    elif args.kind == "folder":
+        out = data_prep.prepare_folder(args.root, args.out, opts)
     else:
         out = data_prep.prepare_ct(args.images, args.labels, args.out, opts)
     print(f"cache ready: {out}")
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--image-column", default="image")
     k.add_argument("--label-column", default="label")
     k.add_argument("--group-column", default="group")
+    k = kinds.add_parser("folder", help="generic cohort: one sub-folder per class, ROOT/<class>/<image>",
+                         description="Each folder under --root is a class; images are named by position in the "
+                                     "manifest (never by file or folder name).")
+    k.add_argument("--root", type=_existing("dir"), required=True, help="folder holding one sub-folder per class")
     k = kinds.add_parser("ct", help="lung CT: DICOM series or NIfTI volumes + labels CSV")
     k.add_argument("--images", type=_existing("dir"), required=True)
     k.add_argument("--labels", type=_existing("file"), required=True)

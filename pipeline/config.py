@@ -13,15 +13,17 @@ the values actually used.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
-from data_prep import atomic_write_text
+from data_prep import PREPARE_CHOICES, PREPARE_RULES, PrepareOptions, atomic_write_text, check_options
 
 from .errors import ConfigError
 from .registry import list_methods, method_spec
@@ -40,27 +42,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class PrepareConfig(_Section):
-    """How `ecl prepare` builds a cache (dermoscopy and CT)."""
+class _PrepareSection(_Section):
+    def to_options(self, **overrides: Any) -> PrepareOptions:
+        """These settings (and the CLI's `overrides`) as the `data_prep.PrepareOptions` every `prepare_*` takes.
 
-    short_side: int = Field(256, ge=16, description="resize so the shorter side has this many pixels (aspect kept)")
-    color_constancy: bool = Field(False, description="shades-of-gray colour constancy, Minkowski p = 6")
-    train_fraction: float = Field(0.6, gt=0, lt=1)
-    val_fraction: float = Field(0.2, ge=0, lt=1)
-    test_fraction: float = Field(0.2, ge=0, lt=1)
-    split_seed: int = 0
-    split_file: str | None = Field(None, description="CSV (image, split) to use instead of a generated split")
-    on_error: Literal["stop", "skip"] = "stop"
-    workers: int | None = Field(None, ge=1, description="processes; None = all CPU cores")
-    # CT
-    label_key: Literal["patient", "study", "series"] = "patient"
-    spacing_mm: float = Field(1.0, gt=0, description="isotropic resampling spacing for CT")
-    crop_mm: float = Field(48.0, gt=0, description="edge of the cube cropped around each lesion centre")
-    ct_image_size: int = Field(64, ge=16, description="side of the 2D CT inputs in pixels")
-    channels: Literal["windows", "adjacent", "orthogonal"] = "windows"
-    slices_per_lesion: int = Field(3, ge=1, description="axial slices sampled through each lesion")
-    salt: str | None = Field(None, description="pseudonym salt; else env ECL_PSEUDONYM_SALT; never written to outputs")
-    allow_non_ct: bool = False
+        Raises:
+            DataPrepError: an override breaks a rule of `data_prep.options` (the CLI prints it).
+        """
+        options = PrepareOptions(**{**self.model_dump(), **overrides})
+        check_options(options)
+        return options
+
+
+def _prepare_fields() -> dict[str, Any]:
+    """PrepareConfig's fields from `data_prep.options`: the same names, defaults, bounds and choices.
+
+    Why generated: the options were defined twice with different bounds (short_side >= 8 in
+    data_prep, >= 16 here); now `data_prep.options.PREPARE_RULES` is the one place to change them.
+    """
+    hints = typing.get_type_hints(PrepareOptions)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(PrepareOptions):
+        annotation = Literal[PREPARE_CHOICES[f.name]] if f.name in PREPARE_CHOICES else hints[f.name]  # type: ignore[valid-type]
+        out[f.name] = (annotation, Field(f.default, **PREPARE_RULES.get(f.name, {})))
+    return out
+
+
+#: How `ecl prepare` builds a cache (dermoscopy, generic images and CT); fields as data_prep.PrepareOptions.
+PrepareConfig = create_model("PrepareConfig", __base__=_PrepareSection, __module__=__name__, **_prepare_fields())
+PrepareConfig.__doc__ = "How `ecl prepare` builds a cache: the fields, defaults and bounds of data_prep.PrepareOptions."
 
 
 class AugmentConfig(_Section):

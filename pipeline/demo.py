@@ -73,12 +73,12 @@ def _generate(modality: str, out: Path, n: int, seed: int) -> dict[str, Path]:
 def _prepare(modality: str, cfg, paths: dict[str, Path], cache_dir: Path, seed: int) -> Path:
     import data_prep
 
-    opts = cfg.prepare.model_dump()
-    if modality == "ct" and not opts.get("salt") and not os.environ.get("ECL_PSEUDONYM_SALT"):
+    extra = {}
+    if modality == "ct" and not cfg.prepare.salt and not os.environ.get("ECL_PSEUDONYM_SALT"):
         # Synthetic patients only: a seed-derived salt keeps re-runs content-identical. Real cohorts
         # must bring their own secret salt (config prepare.salt or $ECL_PSEUDONYM_SALT).
-        opts["salt"] = f"ecl-demo-synthetic-cohort-{seed}"
-    options = data_prep.PrepareOptions(**opts)
+        extra["salt"] = f"ecl-demo-synthetic-cohort-{seed}"
+    options = cfg.prepare.to_options(**extra)
     if modality == "dermoscopy":
         return data_prep.prepare_isic2019(paths["images"], paths["ground_truth"], paths["metadata"], cache_dir, options)
     return data_prep.prepare_ct(paths["images"], paths["labels"], cache_dir, options)

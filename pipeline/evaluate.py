@@ -366,7 +366,8 @@ def model_card(*, title: str, method: str, backbone: str, kind: str, split: str,
 
     names = list(class_names)
     counts = cohort["counts"]
-    intended = _INTENDED_USE.format(method=method, backbone=backbone, kind=kind, k=len(names),
+    # a generic cache ("image": a CSV or folder cohort) names no modality
+    intended = _INTENDED_USE.format(method=method, backbone=backbone, kind="generic" if kind == "image" else kind, k=len(names),
                                     classes=", ".join(names), t=fmt_number(temperature, 2))
     lim: list[str] = []
     absent = [c for c, n in zip(names, counts[split]) if n == 0]

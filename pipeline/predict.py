@@ -79,32 +79,34 @@ def preprocessing_of(tm: Any) -> tuple[str, int, bool]:
     """(kind, short side, colour constancy) the model's training cache used to decode its images.
 
     Read from the checkpoint (recorded from the cache's cache.json when it was saved), else from
-    the cache itself when it is here, else from the run's prepare config; a CT run is recognised by
-    its cache kind, so it never falls back to the dermoscopy `short_side`.
+    the cache itself when it is here; never from the run's `prepare` config, which says how a
+    cache *would* be built, not how this one was (the cache may come from another config or
+    have been built before a config change). A CT run is recognised by its cache kind, so it is
+    never resized like dermoscopy.
+
+    Raises:
+        PipelineError: neither the checkpoint nor a cache here records the preprocessing.
     """
+    from .checkpoint import preprocessing_from_meta
+
     pre = getattr(tm, "preprocessing", None)
-    cfg = tm.config
-    if not pre and cfg.data.cache:
+    cache_dir = tm.config.data.cache
+    if not (pre and pre.get("short_side")) and cache_dir:
         from data_prep import open_cache
 
         try:
-            cache = open_cache(cfg.data.cache)
-        except Exception:  # noqa: BLE001 - absent or damaged here: fall back to the config below
+            cache = open_cache(cache_dir)
+        except Exception:  # noqa: BLE001 - absent or damaged here: the error below says what to do
             cache = None
         if cache is not None:
-            options = cache.meta.get("options", {}) or {}
-            pre = {"kind": cache.kind,
-                   "short_side": options.get("ct_image_size" if cache.kind == "ct" else "short_side"),
-                   "color_constancy": bool(options.get("color_constancy", False)) and cache.kind != "ct"}
-    if pre and pre.get("short_side"):
-        kind = str(pre.get("kind", "dermoscopy"))
-        return kind, int(pre["short_side"]), bool(pre.get("color_constancy", False)) and kind != "ct"
-    kind = "dermoscopy"
-    if pre and pre.get("kind"):
-        kind = str(pre["kind"])
-    if kind == "ct":
-        return kind, int(cfg.prepare.ct_image_size), False
-    return kind, int(cfg.prepare.short_side), bool(cfg.prepare.color_constancy)
+            pre = preprocessing_from_meta(cache.meta)
+    if not (pre and pre.get("short_side")):
+        raise PipelineError(
+            f"{tm.checkpoint_path}: the checkpoint does not record how its training cache decoded images, and that "
+            f"cache ({cache_dir or 'data.cache unset'}) is not here to ask. Run `ecl predict` where the cache is, or "
+            f"rebuild the cache with `ecl prepare` and retrain, so the checkpoint records its preprocessing.")
+    kind = str(pre.get("kind", "dermoscopy"))
+    return kind, int(pre["short_side"]), bool(pre.get("color_constancy", False)) and kind != "ct"
 
 
 def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path = "predictions.csv",

@@ -175,3 +175,26 @@ def test_prepare_refuses_a_non_positive_worker_count(tmp_path, capsys):
               "--out", str(tmp_path / "c"), "--workers", "-2"])
     assert exc.value.code == 2
     assert "argument --workers: expected a whole number >= 1; got -2" in capsys.readouterr().err
+
+
+def test_prepare_folder_builds_an_image_cache_without_file_names(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from data_prep import open_cache
+
+    for c, name in enumerate(("nevus", "melanoma")):
+        for k in range(6):
+            (tmp_path / "in" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((20, 24, 3), 60 * c + k, np.uint8)).save(tmp_path / "in" / name / f"PATIENT_SMITH_{k}.png")
+    assert main(["prepare", "folder", "--root", str(tmp_path / "in"), "--out", str(tmp_path / "cache"), "--workers", "1",
+                 "--set", "prepare.short_side=16"]) == 0
+    cache = open_cache(tmp_path / "cache")
+    assert cache.kind == "image" and cache.class_names == ["melanoma", "nevus"] and len(cache) == 12
+    assert cache.manifest["image"].tolist()[:2] == ["melanoma-000001", "melanoma-000002"]
+    assert cache.meta["preprocessing"]["short_side"] == 16 and cache.image(0).shape == (16, 19, 3)
+    assert "SMITH" not in (tmp_path / "cache" / "manifest.csv").read_text() + (tmp_path / "cache" / "cache.json").read_text()
+    assert "SMITH" not in "".join(capsys.readouterr())
+    err = _one_line_error(capsys, main(["prepare", "folder", "--root", str(tmp_path / "in" / "nevus"),
+                                        "--out", str(tmp_path / "c2")]))
+    assert "class folder(s) found; a classifier needs at least two" in err

@@ -1,4 +1,4 @@
-"""prepare_isic2019 / prepare_csv: checks first, grouped splits, reuse, resume, quarantine."""
+"""prepare_isic2019: checks first, grouped splits, reuse, resume, quarantine."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep import DataPrepError, PrepareOptions, load_image_file, open_cache, prepare_csv, prepare_isic2019
+from data_prep import DataPrepError, PrepareOptions, load_image_file, open_cache, prepare_isic2019
+from data_prep import build
+from data_prep import images as images_mod
 from data_prep import prepare_dermoscopy as prep
 from data_prep.isic import ISIC2019_CLASSES
 
@@ -60,7 +62,7 @@ def test_prepare_isic2019_groups_never_cross_splits(isic_cache, isic_cohort):
 
 def test_prepare_isic2019_rerun_does_nothing(isic_cache, isic_cohort, capsys, monkeypatch):
     before = (isic_cache / "cache.json").stat().st_mtime_ns
-    monkeypatch.setattr(prep, "_decode_shard", lambda task: pytest.fail("decoded on a re-run"))
+    monkeypatch.setattr(build, "_decode_shard", lambda task: pytest.fail("decoded on a re-run"))
     _isic(isic_cohort, isic_cache, PrepareOptions(short_side=32, workers=3))  # workers do not change pixels
     assert "cache up to date" in capsys.readouterr().out
     assert (isic_cache / "cache.json").stat().st_mtime_ns == before
@@ -81,21 +83,21 @@ def test_prepare_isic2019_decoder_change_rebuilds(tiny_cohort, tmp_path, monkeyp
     out = tmp_path / "c"
     prepare_isic2019(tiny_cohort["images"], tiny_cohort["ground_truth"], None, out, OPTS)
     first = json.loads((out / "cache.json").read_text())["build_key"]
-    monkeypatch.setattr(prep, "DECODE_VERSION", prep.DECODE_VERSION + 1)
+    monkeypatch.setattr(images_mod, "DECODE_VERSION", images_mod.DECODE_VERSION + 1)
     prepare_isic2019(tiny_cohort["images"], tiny_cohort["ground_truth"], None, out, OPTS)
     assert json.loads((out / "cache.json").read_text())["build_key"] != first
 
 
 def test_prepare_isic2019_interrupted_build_resumes(isic_cohort, tmp_path, monkeypatch):
     out = tmp_path / "c"
-    real = prep._decode_shard
+    real = build._decode_shard
 
     def interrupted(task):
         if task[0] == 1:
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(prep, "_decode_shard", interrupted)
+    monkeypatch.setattr(build, "_decode_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _isic(isic_cohort, out)
     assert not (out / "cache.json").exists()
@@ -108,7 +110,7 @@ def test_prepare_isic2019_interrupted_build_resumes(isic_cohort, tmp_path, monke
         decoded.append(task[0])
         return real(task)
 
-    monkeypatch.setattr(prep, "_decode_shard", counting)
+    monkeypatch.setattr(build, "_decode_shard", counting)
     _isic(isic_cohort, out)
     assert decoded == [1]  # 120 images = shards 0 and 1; shard 0 survived the interruption
     resumed, fresh = open_cache(out), open_cache(_isic(isic_cohort, tmp_path / "fresh"))
@@ -152,7 +154,7 @@ def test_prepare_isic2019_absent_image_fails_before_decoding(tiny_cohort, tmp_pa
     cohort = _copy(tiny_cohort, tmp_path / "in")
     victim = sorted(cohort["images"].glob("*.jpg"))[3]
     victim.unlink()
-    monkeypatch.setattr(prep, "_decode_shard", lambda task: pytest.fail("decoded before checking"))
+    monkeypatch.setattr(build, "_decode_shard", lambda task: pytest.fail("decoded before checking"))
     with pytest.raises(DataPrepError, match=rf"ISIC_2019_Training_GroundTruth\.csv: 1 listed image\(s\) are absent from .*: {victim.stem}\. "):
         _isic(cohort, tmp_path / "c")
     assert not (tmp_path / "c").exists()
@@ -190,46 +192,6 @@ def test_prepare_isic2019_user_split_file(tiny_cohort, tmp_path):
 def test_prepare_isic2019_bad_on_error_option(tiny_cohort, tmp_path):
     with pytest.raises(DataPrepError, match=r"prepare\.on_error is 'ignore'; use 'stop' or 'skip'\.$"):
         _isic(tiny_cohort, tmp_path / "c", PrepareOptions(on_error="ignore"))
-
-
-def test_prepare_csv_generic_cohort(tiny_cohort, tmp_path):
-    gt = pd.read_csv(tiny_cohort["ground_truth"])
-    md = pd.read_csv(tiny_cohort["metadata"], dtype=str, keep_default_na=False)
-    csv = tmp_path / "cohort.csv"
-    pd.DataFrame({
-        "file": gt["image"] + ".jpg",
-        "dx": gt.iloc[:, 1:].idxmax(axis=1).str.lower(),
-        "lesion": md["lesion_id"],
-        "sex": md["sex"],
-    }).to_csv(csv, index=False)
-    out = prepare_csv(csv, tiny_cohort["images"], tmp_path / "c", OPTS, image_column="file", label_column="dx", group_column="lesion")
-    cache = open_cache(out)
-    assert cache.class_names == ["ak", "bcc", "bkl", "df", "mel", "nv", "scc", "vasc"]
-    assert list(cache.manifest.columns) == ["image", "label", "split", "group", "sex"]
-    assert list(cache.manifest["label"]) == list(gt.iloc[:, 1:].idxmax(axis=1).str.lower())
-    assert cache.meta["source"] == "csv"
-    np.testing.assert_array_equal(cache.class_counts("all"), [3] * 8)
-
-
-def test_prepare_csv_every_image_quarantined_is_an_error(tmp_path):
-    from data_prep import DataPrepError, PrepareOptions, prepare_csv
-
-    (tmp_path / "img").mkdir()
-    for name in ("a.jpg", "b.jpg"):
-        (tmp_path / "img" / name).write_bytes(b"not a jpeg")
-    (tmp_path / "m.csv").write_text("image,label\na.jpg,X\nb.jpg,Y\n")
-    with pytest.raises(DataPrepError, match=r"No readable image is left after quarantining 2 file\(s\)"):
-        prepare_csv(tmp_path / "m.csv", tmp_path / "img", tmp_path / "cache", PrepareOptions(on_error="skip", workers=1))
-    assert (tmp_path / "cache" / "quarantine.csv").is_file()
-
-
-def test_prepare_csv_one_class_cohort_is_refused(tmp_path):
-    (tmp_path / "img").mkdir()
-    for name in ("a.jpg", "b.jpg"):
-        (tmp_path / "img" / name).write_bytes(b"not decoded: the check comes first")
-    (tmp_path / "m.csv").write_text("image,label\na.jpg,MEL\nb.jpg,MEL\n")
-    with pytest.raises(DataPrepError, match=r"m\.csv: every image has the class 'MEL'; a classifier needs at least two classes"):
-        prepare_csv(tmp_path / "m.csv", tmp_path / "img", tmp_path / "cache", PrepareOptions(workers=1))
 
 
 def test_prepare_skip_keeps_a_training_image_for_every_class(tiny_cohort, tmp_path):

@@ -321,3 +321,15 @@ def test_unexpected_errors_leave_prepare_through_the_namer(cohort, tmp_path, mon
     message = str(info.value)
     assert str(slice_file) not in message and slice_file.name not in message
     assert "RuntimeError" in message and "input file" in message
+
+
+def test_read_ct_is_the_cohort_the_cache_was_built_from(cohort, prepared):
+    """The reader alone (headers only) lists exactly the manifest's rows, one item per series."""
+    from data_prep.prepare_lung_ct import read_ct
+
+    c = read_ct(cohort["images"], cohort["labels"], PrepareOptions(**OPTS))
+    m = open_cache(prepared).manifest
+    assert c.kind == "ct" and c.what == "series" and len(c.items) == m["series"].nunique()
+    assert c.images == list(m["image"]) and c.groups == list(m["group"]) and c.labels == list(m["label"])
+    assert list(c.metadata["series"]) == list(m["series"]) and sum(c.item_rows) == len(m)
+    assert open_cache(prepared).meta["preprocessing"]["windows"]["lung"] == [-1000.0, 400.0]

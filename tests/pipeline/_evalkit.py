@@ -52,7 +52,9 @@ def build_cache(out_dir: Path, seed: int = 0, kind: str = "dermoscopy", size: in
     writer.write_shard(0, images)
     manifest = pd.DataFrame(rows)
     manifest["label"] = manifest["label"].replace("", np.nan)
-    return writer.finalize(manifest, 1, {"kind": kind, "class_names": CLASSES})
+    # as data_prep.build records it: the images were decoded to this short side
+    preprocessing = {"kind": kind, "short_side": size, "color_constancy": False}
+    return writer.finalize(manifest, 1, {"kind": kind, "class_names": CLASSES, "preprocessing": preprocessing})
 
 
 def tiny_config(cache: Path, out: Path, uri: str, method: str = "ce", run_name: str = "tiny", epochs: int = 1,

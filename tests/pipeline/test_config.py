@@ -121,6 +121,28 @@ def test_resolved_method_defaults_are_unchanged(name):
     assert {k for k in flat if flat[k] != typed[k]} <= {f"method.{k}" for k in got} | {"method.name", "model.prototype_head"}
 
 
+@pytest.mark.parametrize("key,value", [("short_side", 15), ("ct_image_size", 15), ("workers", 0), ("train_fraction", 1.0),
+                                       ("crop_mm", 0), ("channels", "rgb"), ("label_key", "mrn"), ("on_error", "ignore")])
+def test_prepare_config_and_options_refuse_the_same_values(key, value):
+    """One set of bounds: what the YAML config refuses, data_prep.check_options refuses too (and the reverse edge passes)."""
+    from data_prep import DataPrepError, PrepareOptions, check_options
+
+    with pytest.raises(ConfigError, match=rf"prepare\.{key}"):
+        load_config(overrides=[f"prepare.{key}={value}"])
+    with pytest.raises(DataPrepError, match=rf"prepare\.{key}"):
+        check_options(PrepareOptions(**{key: value}))
+
+
+def test_prepare_config_to_options_applies_cli_overrides():
+    from data_prep import DataPrepError, PrepareOptions
+
+    cfg = load_config(overrides=["prepare.short_side=40", "prepare.salt=s3cret"])
+    opts = cfg.prepare.to_options(on_error="skip", workers=2)
+    assert opts == PrepareOptions(short_side=40, salt="s3cret", on_error="skip", workers=2)
+    with pytest.raises(DataPrepError, match=r"prepare\.workers is 0"):
+        cfg.prepare.to_options(workers=0)
+
+
 def test_every_builtin_method_is_pinned():
     assert set(RESOLVED_BEFORE_REGISTRY) <= set(list_methods())
 

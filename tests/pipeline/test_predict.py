@@ -37,7 +37,8 @@ def model_and_images(tmp_path_factory):
 
 
 def _reference_logits(run_dir: Path, files: list[Path]) -> np.ndarray:
-    """The logits the training preprocessing gives, computed independently of run_predict."""
+    """The logits the training cache's preprocessing gives (short side 24, as evalkit's cache.json records),
+    computed independently of run_predict."""
     from data_prep import load_image_file
     from pipeline.checkpoint import load_trained_model
     from pipeline.data import eval_transform
@@ -45,9 +46,9 @@ def _reference_logits(run_dir: Path, files: list[Path]) -> np.ndarray:
 
     tm = load_trained_model(run_dir)
     cfg = tm.config
+    assert cfg.prepare.short_side != 24  # the run's prepare config says otherwise: predict must not read it
     t = eval_transform(cfg.data, model_data_config(tm.network))
-    x = torch.stack([t(load_image_file(f, short_side=cfg.prepare.short_side,
-                                       color_constancy=cfg.prepare.color_constancy)) for f in files])
+    x = torch.stack([t(load_image_file(f, short_side=24)) for f in files])
     with torch.no_grad():
         return tm.network(x).double().numpy()
 
@@ -200,3 +201,22 @@ def test_predict_ct_model_uses_the_recorded_cache_preprocessing_and_positions(tm
     printed = "".join(capsys.readouterr())
     assert "input 1 of 2 under --images" in errors
     assert "MRN777" not in errors and "MRN777" not in printed and "--on-error" not in errors + printed
+
+
+def test_predict_refuses_a_model_without_recorded_preprocessing(tmp_path):
+    """No record in the checkpoint and no cache here: predict says so instead of guessing from the prepare config."""
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.errors import PipelineError
+    from pipeline.predict import run_predict
+
+    cache = evalkit.build_cache(tmp_path / "cache", seed=5)
+    run_dir = evalkit.make_run(cache, tmp_path / "runs", None, steps=1, mlflow_run=False)
+    cache.rename(tmp_path / "elsewhere")
+    for ckpt in run_dir.glob("*.pt"):
+        state = load_checkpoint(ckpt)
+        state.pop("preprocessing", None)
+        save_checkpoint(ckpt, state)  # the cache is gone: nothing to record again
+        assert "preprocessing" not in load_checkpoint(ckpt)
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(PipelineError, match=r"does not record how its training cache decoded images"):
+        run_predict(str(run_dir), tmp_path / "a.png", out_csv=tmp_path / "p.csv")
