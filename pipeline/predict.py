@@ -6,7 +6,8 @@ the checkpoint, see `preprocessing_of`; then `pipeline.data.eval_transform`), so
 equals the evaluation's prediction on the same picture. Probabilities are ``softmax(logits / T)``
 with the temperature `ecl evaluate` wrote to calibration.json beside the checkpoint and logged as
 the run's MLflow artifact, so `--model <run id | models:/...>` on another machine is calibrated too
-(T = 1 until the model is evaluated).
+(T = 1 until the model is evaluated). Decoding, transform, forward pass and temperature are
+`ImageClassifier`'s, which the served MLflow model (`pipeline.serving`) uses too: one code path.
 
 Supported inputs: one JPEG/PNG file, or a folder searched recursively for ``*.jpg``, ``*.jpeg``,
 ``*.png`` (any case). For CT models (cache kind "ct") the inputs must be 2D images in the cache's
