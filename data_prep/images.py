@@ -11,6 +11,7 @@ above the target, then finish with an antialiased resize. Truncated files are ne
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_image_file(path: str | os.PathLike, short_side: int = 256, color_constancy: bool = False) -> np.ndarray:
+def load_image_file(path: str | os.PathLike | bytes, short_side: int = 256, color_constancy: bool = False,
+                    name: str | None = None) -> np.ndarray:
     """Decode an image file to uint8 RGB [H, W, 3] whose shorter side is exactly `short_side`.
 
     EXIF orientation is honoured (a picture stored sideways with a rotation tag is turned upright,
@@ -90,19 +92,25 @@ def load_image_file(path: str | os.PathLike, short_side: int = 256, color_consta
     (value / 257), not clipped.
 
     Args:
-        path: image file (JPEG, PNG, ...).
+        path: image file (JPEG, PNG, ...), or the whole file's bytes (an image sent to the served
+            model): the same decoder then sees the same bytes, wherever they came from.
         short_side: length of the shorter side after resizing (aspect ratio kept).
         color_constancy: apply `shades_of_gray` (p = 6) after resizing.
+        name: how messages name the input when `path` is bytes (e.g. "row 3"); default "image bytes".
 
     Raises:
         DataPrepError: the file is missing, not an image, truncated or otherwise undecodable.
     """
-    path = Path(path)
+    in_memory = isinstance(path, (bytes, bytearray, memoryview))
+    source = io.BytesIO(bytes(path)) if in_memory else Path(path)
+    shown = (name or "image bytes") if in_memory else str(source)
+    fix = ("Send the complete JPEG or PNG file." if in_memory else
+           "Replace the file, remove it from the CSV, or re-run with --on-error skip to quarantine it.")
     if short_side < 1:
         raise ValueError(f"short_side must be positive, got {short_side}")
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # never accept half a picture, whatever another library set
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             tw, th = target_size(w, h, short_side)
             if im.format == "JPEG" and min(w, h) >= 2 * short_side:
@@ -113,16 +121,13 @@ def load_image_file(path: str | os.PathLike, short_side: int = 256, color_consta
             rgb = _to_8bit(upright).convert("RGB")
             tw, th = target_size(*rgb.size, short_side)
     except FileNotFoundError:
-        err = DataPrepError(f"Image file {path} does not exist. Check the image folder and the CSV's image column.", str(path))
+        err = DataPrepError(f"Image file {shown} does not exist. Check the image folder and the CSV's image column.", shown)
         err.reason = "file does not exist"  # short form for quarantine.csv
         raise err from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        err = DataPrepError(
-            f"Cannot decode image {path}: {exc}. Replace the file, remove it from the CSV, or re-run with --on-error skip "
-            f"to quarantine it.",
-            str(path),
-        )
-        err.reason = str(exc)
+        reason = str(exc).replace(f" {source!r}", "")  # PIL names a BytesIO by its repr
+        err = DataPrepError(f"Cannot decode image {shown}: {reason}. {fix}", shown)
+        err.reason = reason
         raise err from None
     if rgb.size != (tw, th):
         rgb = rgb.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)

@@ -864,6 +864,9 @@ def _log_to_mlflow(tracking: Any, uri: str, cfg: Any, tm: Any, split: str, flat:
         calibration_file = tm.checkpoint_path.parent / "calibration.json"
         if calibration_file.is_file():  # read by `ecl predict --model <run id | models:/...>` on any machine
             tracking.log_artifact(calibration_file, artifact_path="calibration")
+            from .serving import log_servable
+
+            log_servable(tm, uri, active)  # image files in, calibrated probabilities out: runs:/<id>/servable
         html_name = "report.html" if split == "test" else f"report-{split}.html"
         tracking.log_text(report_path.read_text(encoding="utf-8"), f"report/{html_name}")
         if card_markdown is not None:

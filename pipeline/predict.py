@@ -6,7 +6,8 @@ the checkpoint, see `preprocessing_of`; then `pipeline.data.eval_transform`), so
 equals the evaluation's prediction on the same picture. Probabilities are ``softmax(logits / T)``
 with the temperature `ecl evaluate` wrote to calibration.json beside the checkpoint and logged as
 the run's MLflow artifact, so `--model <run id | models:/...>` on another machine is calibrated too
-(T = 1 until the model is evaluated).
+(T = 1 until the model is evaluated). Decoding, transform, forward pass and temperature are
+`ImageClassifier`'s, which the served MLflow model (`pipeline.serving`) uses too: one code path.
 
 Supported inputs: one JPEG/PNG file, or a folder searched recursively for ``*.jpg``, ``*.jpeg``,
 ``*.png`` (any case). For CT models (cache kind "ct") the inputs must be 2D images in the cache's
@@ -24,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +35,8 @@ from data_prep import atomic_write_text
 
 from .errors import PipelineError
 
-__all__ = ["run_predict", "find_images", "errors_path", "preprocessing_of", "IMAGE_SUFFIXES", "main"]
+__all__ = ["run_predict", "find_images", "errors_path", "preprocessing_of", "ImagePreprocessing", "ImageClassifier",
+           "IMAGE_SUFFIXES", "main"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -75,8 +78,17 @@ def _image_ids(files: Sequence[Path], root: Path) -> list[str]:
     return out
 
 
-def preprocessing_of(tm: Any) -> tuple[str, int, bool]:
-    """(kind, short side, colour constancy) the model's training cache used to decode its images.
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How the model's training cache decoded a file into pixels (see `data_prep.load_image_file`)."""
+
+    kind: str  # cache kind: "dermoscopy" or "ct"
+    short_side: int
+    color_constancy: bool
+
+
+def preprocessing_of(tm: Any) -> ImagePreprocessing:
+    """The decoding (kind, short side, colour constancy) the model's training cache used for its images.
 
     Read from the checkpoint (recorded from the cache's cache.json when it was saved), else from
     the cache itself when it is here; never from the run's `prepare` config, which says how a
@@ -106,7 +118,64 @@ def preprocessing_of(tm: Any) -> tuple[str, int, bool]:
             f"cache ({cache_dir or 'data.cache unset'}) is not here to ask. Run `ecl predict` where the cache is, or "
             f"rebuild the cache with `ecl prepare` and retrain, so the checkpoint records its preprocessing.")
     kind = str(pre.get("kind", "dermoscopy"))
-    return kind, int(pre["short_side"]), bool(pre.get("color_constancy", False)) and kind != "ct"
+    return ImagePreprocessing(kind, int(pre["short_side"]), bool(pre.get("color_constancy", False)) and kind != "ct")
+
+
+@dataclass
+class ImageClassifier:
+    """A trained network with its decoding, transform and temperature: images in, calibrated probabilities out.
+
+    Why one class: `ecl predict` and the served MLflow model (`pipeline.serving`) must give the
+    same numbers for the same file, so both go through these methods and neither keeps its own
+    copy of the decoding, the transform or the temperature.
+    """
+
+    network: Any  # torch.nn.Module in eval mode on `device`
+    class_names: list[str]
+    temperature: float
+    preprocessing: ImagePreprocessing
+    transform: Any  # pipeline.data.eval_transform of the run's data config
+    device: str
+
+    @classmethod
+    def from_trained(cls, tm: Any, device: str, preprocessing: ImagePreprocessing | None = None,
+                     temperature: float | None = None) -> "ImageClassifier":
+        """Wrap a `TrainedModel`; preprocessing and temperature default to the checkpoint's own."""
+        from .data import eval_transform
+        from .models import model_data_config
+
+        return cls(network=tm.network, class_names=list(tm.class_names),
+                   temperature=float(tm.temperature if temperature is None else temperature),
+                   preprocessing=preprocessing or preprocessing_of(tm),
+                   transform=eval_transform(tm.config.data, model_data_config(tm.network)), device=device)
+
+    def tensor(self, image: str | Path | bytes, name: str | None = None) -> Any:
+        """One image file (or its bytes) decoded as the training cache did, then the evaluation transform.
+
+        Raises:
+            DataPrepError: the image cannot be decoded (`name` says which input, for bytes).
+        """
+        import torch
+
+        from data_prep import load_image_file
+
+        pre = self.preprocessing
+        pixels = load_image_file(image, short_side=pre.short_side, color_constancy=pre.color_constancy, name=name)
+        return torch.as_tensor(self.transform(pixels))
+
+    def logits(self, tensors: Sequence[Any]) -> np.ndarray:
+        """float64 logits [N, C] of one batch of `tensor` outputs."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.network(torch.stack(list(tensors)).to(self.device))
+        return out.float().cpu().numpy().astype(np.float64)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities: ``softmax(logits / T)`` with the fitted temperature."""
+        from .calibration import apply_temperature
+
+        return apply_temperature(logits, self.temperature)
 
 
 def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path = "predictions.csv",
@@ -128,13 +197,10 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     import torch
     from tqdm.auto import tqdm
 
-    from data_prep import DataPrepError, load_image_file
+    from data_prep import DataPrepError
 
-    from .calibration import apply_temperature
     from .checkpoint import load_trained_model
-    from .data import eval_transform
     from .metrics import write_isic_csv
-    from .models import model_data_config
 
     files = find_images(images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,8 +210,8 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
 
     # predict decodes in this process (no loader workers): every core may compute, unless set
     apply_threads(plan_threads(cfg.train.threads, 0, device))
-    kind, short_side, color_constancy = preprocessing_of(tm)
-    transform = eval_transform(cfg.data, model_data_config(tm.network))
+    classifier = ImageClassifier.from_trained(tm, device)
+    kind = classifier.preprocessing.kind
     ids = _image_ids(files, Path(images))
 
     kept_ids: list[str] = []
@@ -157,9 +223,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     def flush() -> None:
         if not batch:
             return
-        with torch.inference_mode():
-            out = tm.network(torch.stack(batch).to(device))
-        logits.append(out.float().cpu().numpy().astype(np.float64))
+        logits.append(classifier.logits(batch))
         kept_ids.extend(batch_ids)
         batch.clear()
         batch_ids.clear()
@@ -173,8 +237,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
                                   "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
             continue
         try:
-            pixels = load_image_file(path, short_side=short_side, color_constancy=color_constancy)
-            x = transform(pixels)
+            x = classifier.tensor(path)
         except DataPrepError as exc:  # one bad file must not stop the batch; it is reported
             reason = str(getattr(exc, "reason", exc))
             errors.append((shown, reason.replace(str(path), shown) if by_position else reason))
@@ -183,7 +246,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
             text = f"{type(exc).__name__}: {exc}"
             errors.append((shown, text.replace(str(path), shown) if by_position else text))
             continue
-        batch.append(torch.as_tensor(x))
+        batch.append(x)
         batch_ids.append(image_id)
         if len(batch) >= cfg.eval.batch_size:
             flush()
@@ -205,7 +268,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
         err_file.unlink()  # a stale list from an earlier run would be misleading
     if not kept_ids:
         raise PipelineError(f"none of the {len(files)} files under {images} could be read; see {err_file}")
-    probs = apply_temperature(np.concatenate(logits), tm.temperature)
+    probs = classifier.probabilities(np.concatenate(logits))
     write_isic_csv(out, kept_ids, probs, tm.class_names)
     return out
 

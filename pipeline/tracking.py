@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,8 @@ __all__ = [
     "resolve_tracking_uri", "ensure_experiment", "start_run", "log_params", "log_metrics", "set_tags",
     "log_artifact", "log_artifacts", "log_text", "log_dict", "log_torch_model",
     "pinned_requirements", "registered_model_run_id", "get_run", "download_artifacts",
-    "search_runs", "sanitize_metric_name", "check_reachable",
+    "search_runs", "sanitize_metric_name", "check_reachable", "project_requirements", "log_pyfunc_model",
+    "registered_model_names", "register_model",
 ]
 
 _BAD_METRIC_CHARS = re.compile(r"[^0-9A-Za-z_\-./ ]")
@@ -330,3 +332,71 @@ def search_runs(uri: str, experiment: str) -> list[Any]:
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def project_requirements(distribution: str = "ecl-pipeline") -> list[str]:
+    """pip requirements of a model whose code is this project's: every runtime dependency, pinned.
+
+    Read from the installed distribution's metadata (pyproject's `dependencies`, extras left out),
+    so a served model lists what its code imports at the versions it was logged with, and MLflow
+    does not spend ~20 s inferring them by loading the model in a subprocess.
+    """
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = requires(distribution) or []
+    except PackageNotFoundError:
+        return pinned_requirements()
+    reqs = []
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is not None and "extra" in str(req.marker):
+            continue
+        try:
+            reqs.append(f"{req.name}=={version(req.name)}")
+        except PackageNotFoundError:
+            reqs.append(str(req))
+    return reqs
+
+
+def log_pyfunc_model(loader_module: str, data_path: str | Path, name: str, inputs: list[tuple[str, str]],
+                     outputs: list[tuple[str, str]], code_paths: list[str | Path] | None = None,
+                     pip_requirements: list[str] | None = None) -> str:
+    """Log a python_function model loaded by `<loader_module>._load_pyfunc(<data folder>)`; returns its URI.
+
+    Why the loader-module form and not a `mlflow.pyfunc.PythonModel` subclass: the model's code
+    then needs no MLflow import (only this module imports mlflow) and nothing is pickled.
+    `inputs` are optional columns and `outputs` columns, as (name, MLflow type) pairs; an input
+    of type "binary" arrives base64-encoded over HTTP and MLflow's scoring server decodes it.
+    `code_paths` travel with the model and come first on sys.path when it is loaded.
+    """
+    import mlflow.pyfunc  # binds `mlflow` with the pyfunc flavour loaded
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec(t, n, required=False) for n, t in inputs]),
+                               outputs=Schema([ColSpec(t, n) for n, t in outputs]))
+    with warnings.catch_warnings():
+        # an input example would make MLflow load the model in this process to validate it (and put
+        # its code paths first on sys.path here); the signature already fixes the request format
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=name, loader_module=loader_module, data_path=str(data_path),
+            code_paths=[str(c) for c in code_paths] if code_paths else None, signature=signature,
+            pip_requirements=pip_requirements if pip_requirements is not None else project_requirements(),
+        )
+    return info.model_uri
+
+
+def registered_model_names(uri: str, run_id: str) -> list[str]:
+    """Names of the registered models that hold a version logged by run `run_id` (sorted)."""
+    check_reachable(uri)
+    client = _mlflow().MlflowClient(tracking_uri=uri)
+    return sorted({mv.name for mv in client.search_model_versions(f"run_id='{run_id}'")})
+
+
+def register_model(model_uri: str, name: str) -> str:
+    """Register `model_uri` as a new version of the registered model `name`; returns the version."""
+    return str(_mlflow().register_model(model_uri, name).version)

@@ -138,6 +138,15 @@ def test_evaluate_logs_metrics_and_report_to_training_run(evaluated):
     assert "report/report.html" in artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "eval-test")} >= {
         "eval-test/metrics.json", "eval-test/predictions.csv", "eval-test/ground_truth.csv"}
+    # the servable model (tests/pipeline/test_serving.py serves it) carries the temperature just fitted
+    assert run.data.tags["ecl.servable"] == f"runs:/{result.run_id}/servable"
+    import mlflow
+
+    mlflow.set_tracking_uri(evaluated["uri"])
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/servable"))
+    meta = json.loads((folder / "data" / "classifier" / "servable.json").read_text())
+    assert meta["temperature"] == pytest.approx(result.metrics["temperature"])
+    assert meta["class_names"] == evalkit.CLASSES
 
 
 def test_calibration_travels_with_the_mlflow_run(evaluated, tmp_path, monkeypatch):
@@ -186,6 +195,10 @@ def test_evaluate_ct_cache_reports_patient_level(tmp_path, one_thread):
     assert (tmp_path / "eval" / "predictions_patient.csv").is_file()
     assert "Per-patient results" in result.report_path.read_text()
     assert result.run_id is not None  # no training run: a new evaluation run was started
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.tags
+    assert tags["ecl.servable"].startswith("not logged: CT models are not served")
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mlflow"]["run_id"] == result.run_id
 
 
