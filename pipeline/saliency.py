@@ -236,7 +236,8 @@ def saliency_panel(class_name: str, correct: list[tuple[np.ndarray, np.ndarray, 
         y0 = top + r * (row_h + gap)
         draw.text((6, y0 + label_h + side // 2), title, fill="black", font=font, anchor="lm")
         if not examples:
-            draw.text((left + 4, y0 + label_h + side // 2), "none in this split", fill="#777777", font=small, anchor="lm")
+            draw.text((left + 4, y0 + label_h + side // 2), f"no {title} prediction for this class", fill="#777777",
+                      font=small, anchor="lm")
         for k, (img, ov, text) in enumerate(examples[:cols]):
             x0 = left + k * (pair_w + gap)
             draw.text((x0 + pair_w // 2, y0 + label_h - 3), text, fill="black", font=small, anchor="ms")
@@ -273,7 +274,8 @@ def saliency_section(network: Any, cache: Any, rows: np.ndarray, probs: np.ndarr
     Returns:
         ``{"enabled", "note", "layer", "n_per_class", "kind", "classes": [{"name", "caption",
         "uri", "key"}], "examples": [...], "figures": {key: png bytes}}``. `figures` are for files
-        beside the report (`saliency_<key>.png`); the template reads `classes`.
+        beside the report (`saliency_<key>.png`); the template reads `classes`. A backbone that
+        Grad-CAM cannot read gives ``enabled=False`` and a note saying why (it never raises).
     """
     import torch
 
@@ -294,8 +296,12 @@ def saliency_section(network: Any, cache: Any, rows: np.ndarray, probs: np.ndarr
     view = ViewTransform([deterministic_view(data_cfg)], norm, stack=False, normalize=False)
     pixels = torch.stack([view(_as_rgb(cache.image(e["row"]))) for e in examples])  # uint8 [N, 3, S, S]
     x = normalize_on_device(pixels, norm).to(device)
-    layer = find_target_layer(network.backbone)
-    maps = grad_cam_maps(network, x, [e["pred"] for e in examples], layer, batch_size=batch_size)
+    try:
+        layer = find_target_layer(network.backbone)
+        maps = grad_cam_maps(network, x, [e["pred"] for e in examples], layer, batch_size=batch_size)
+    except (PipelineError, RuntimeError, ValueError) as exc:  # an optional figure never aborts an evaluation
+        base["note"] = f"Saliency maps could not be computed for backbone {type(network.backbone).__name__}: {exc}"
+        return base
     shown = pixels.permute(0, 2, 3, 1).numpy()
     channel = display_channel(cache.kind, cache.meta.get("options"))
     if channel is not None:

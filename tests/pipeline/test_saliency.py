@@ -126,3 +126,20 @@ def test_section_captions_carry_no_image_names(tmp_path, kind):
     assert identifiers and not [v for v in identifiers if v in text]
     off = saliency_section(net, cache, rows, probs, labels, cache.class_names, DataConfig(image_size=32), 0)
     assert not off["enabled"] and off["figures"] == {} and "saliency_per_class" in off["note"]
+
+
+def test_section_without_a_readable_layer_says_why(tmp_path):
+    from torch import nn
+
+    from data_prep import open_cache
+    from pipeline.config import DataConfig
+    from pipeline.models import EclNetwork
+
+    cache = open_cache(evalkit.build_cache(tmp_path / "cache"))
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8))  # no stage, no convolution
+    net = EclNetwork(backbone, feature_dim=8, num_classes=4, proj_dim=8).eval()
+    rows = cache.split_indices("test")[:6]
+    probs = np.full((6, 4), 0.25)
+    sec = saliency_section(net, cache, rows, probs, cache.labels[rows], cache.class_names, DataConfig(image_size=32), 1,
+                           norm={"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    assert not sec["enabled"] and "Sequential" in sec["note"] and "saliency_per_class=0" in sec["note"]
