@@ -162,6 +162,8 @@ class EvalConfig(_Section):
     temperature_scaling: bool = True
     min_subgroup_size: int = Field(30, ge=1, description="smaller subgroups are flagged as too small")
     batch_size: int = Field(128, ge=1)
+    saliency_per_class: int = Field(2, ge=0, le=10, description="Grad-CAM images per class in the report, "
+                                    "correct and wrong each; 0 = no saliency section")
 
 
 class TrackingConfig(_Section):

@@ -624,6 +624,11 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
             for key, value in geometry.metrics.items():
                 flat[f"geometry/{key}"] = None if value is None or not math.isfinite(float(value)) else float(value)
 
+    # where the model looked: Grad-CAM of a few correct and wrong images per class
+    from .saliency import saliency_section
+    saliency = saliency_section(tm.network, cache, pred.index[labelled], probs, y, names, cfg.data,
+                                cfg.eval.saliency_per_class, device=device, batch_size=cfg.eval.batch_size)
+
     # 4. files
     image_ids = [str(v) for v in cache.manifest["image"].to_numpy()[pred.index]]
     metrics.write_isic_csv(out / "predictions.csv", image_ids, probs_all, names)
@@ -658,6 +663,8 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     if geometry is not None:
         for key, png in geometry.figures.items():
             atomic_write_bytes(out / f"geometry_{key}.png", png)
+    for key, png in saliency["figures"].items():
+        atomic_write_bytes(out / f"saliency_{key}.png", png)
 
     version = code_version()
     provenance = {
@@ -722,6 +729,7 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     context = _report_context(split, tm, cfg, rep_cal, rep_raw, ci, flat, temperature, t_source, figures, subgroups,
                               patient, geometry, geometry_note, cohort, provenance, warn, n_boot, public_config(cfg))
     context.update(_extra_context(names, ops, ops_note, selective, card, min(n_boot, CURVE_BANDS_MAX_BOOT)))
+    context["saliency"] = saliency
     report.write_html(report_path, "report.html", **context)
 
     # 5. MLflow

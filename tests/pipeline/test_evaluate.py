@@ -456,3 +456,17 @@ def test_evaluate_read_only_run_folder_and_full_disk_are_handled(evaluated, tmp_
     assert "Traceback" not in err
     (line,) = [x for x in err.splitlines() if "error" in x.lower()]  # tqdm bars aside, one line
     assert line.startswith("ecl evaluate: error: cannot write ") and "no space left on the device" in line
+
+
+def test_evaluate_report_shows_where_the_model_looked(evaluated):
+    out = evaluated["result"].out_dir
+    html = (out / "report.html").read_text()
+    section = html[html.index("<h2>Where the model looked</h2>"):]
+    section = section[: section.index("<h2>", 5)]
+    # one Grad-CAM figure per class present in the test split (DF has none), also written beside the report
+    assert section.count('<img src="data:image/png;base64,') == 3
+    assert sorted(p.name for p in out.glob("saliency_*.png")) == ["saliency_0.png", "saliency_1.png", "saliency_2.png"]
+    from data_prep import open_cache
+
+    names = [str(v) for v in open_cache(evaluated["cache"]).manifest["image"]]
+    assert names and not [v for v in names if v in section]  # captions name cache positions, never images
