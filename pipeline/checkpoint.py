@@ -4,15 +4,17 @@ Why this module exists: training, evaluation, prediction and geometry all need "
 behind this reference", whether the user gives a checkpoint file, a run folder or an MLflow run
 id. One resolver keeps those three spellings working everywhere.
 
-Checkpoints hold only tensors and plain Python values (the config as a dict, RNG states as
+A checkpoint is a `Checkpoint` (typed, versioned by `format_version`); on disk it is
+`Checkpoint.to_dict()`: only tensors and plain Python values (the config as a dict, RNG states as
 tensors and lists), so `torch.load(weights_only=True)` can read them: a checkpoint from someone
 else can not run code on load. They are written with `data_prep.atomic_open`, so a kill during
-a save leaves the previous checkpoint intact.
+a save leaves the previous checkpoint intact. Checkpoints are never rewritten after training:
+the fitted temperature lives in calibration.json beside them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from data_prep import atomic_open, atomic_write_bytes
 from .errors import PipelineError
 
 __all__ = [
-    "TrainedModel", "save_checkpoint", "load_checkpoint", "load_trained_model", "set_temperature",
+    "Checkpoint", "CHECKPOINT_FORMAT", "TrainedModel", "save_checkpoint", "load_checkpoint", "load_trained_model",
     "resolve_checkpoint", "write_calibration", "read_calibration", "preprocessing_from_meta", "BEST", "LAST", "CALIBRATION",
 ]
 
@@ -34,7 +36,80 @@ BEST = "checkpoint-best.pt"
 LAST = "checkpoint-last.pt"
 #: the fitted temperature, beside checkpoint-best.pt and logged as the run's artifact calibration/calibration.json
 CALIBRATION = "calibration.json"
-_RUN_ID = re.compile(r"^(runs:/)?([0-9a-f]{32})(/.*)?$")
+#: version of the on-disk layout written by `Checkpoint.to_dict`. 1: the untyped dict of before
+#: (no `format_version` key; `temperature` and `sampler_epoch` entries); 2: this dataclass.
+CHECKPOINT_FORMAT = 2
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `ecl train` saves after each epoch, and all that evaluate/predict/compare may read from it.
+
+    Why typed: three readers used to pick entries out of a dict with their own defaults; the defaults
+    now live in `from_dict` only, and a field is either written by training or does not exist.
+    The resume-only entries (optimizer, scheduler, scaler, method_state, rng) are None in a
+    checkpoint built for inference only.
+    """
+
+    model: dict[str, Any]  # state_dict of the network
+    config: dict[str, Any]  # public_config of the run (secrets redacted)
+    class_names: list[str]
+    class_counts: list[int]  # training images per class
+    epoch: int = 0  # last finished epoch (0-based)
+    best_val_bacc: float = -1.0
+    proj_head: bool = True
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None  # the store training logged to (see pipeline.store.resolve_store)
+    parent_run: str | None = None  # train.init_from's parent, tagged ecl.parent_run
+    dataset_sha256: str | None = None
+    manifest_sha256: str | None = None
+    preprocessing: dict[str, Any] | None = None  # the training cache's decoding, for `ecl predict`
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    method_state: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    #: T stored in format-1 checkpoints by the retired set_temperature; None from format 2 on
+    legacy_temperature: float | None = None
+    format_version: int = CHECKPOINT_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict torch.save writes (plain values only: loadable with weights_only=True)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["class_names"] = [str(c) for c in self.class_names]
+        out["class_counts"] = [int(c) for c in self.class_counts]
+        if out.pop("legacy_temperature") is not None:
+            out["temperature"] = float(self.legacy_temperature)  # kept under its format-1 name
+        return out
+
+    @classmethod
+    def from_dict(cls, state: Any, source: str | Path = "checkpoint") -> "Checkpoint":
+        """Read any layout this pipeline has written (format 1: a plain dict; format 2: `to_dict`).
+
+        The one place that fills defaults for entries an older checkpoint lacks.
+
+        Raises:
+            PipelineError: `state` is not a checkpoint of this pipeline, or one of a newer format.
+        """
+        if not isinstance(state, dict) or "model" not in state or "config" not in state:
+            raise PipelineError(f"{source} is not a checkpoint written by `ecl train` (no 'model'/'config' entries)")
+        version = int(state.get("format_version", 1))
+        if version > CHECKPOINT_FORMAT:
+            raise PipelineError(f"{source} has checkpoint format {version}; this pipeline reads up to "
+                                f"{CHECKPOINT_FORMAT}. Upgrade ecl-pipeline to use it")
+        names = {f.name for f in dataclasses.fields(cls)} - {"legacy_temperature", "format_version"}
+        known = {k: v for k, v in state.items() if k in names}
+        t = state.get("temperature")  # format 1 only: sampler_epoch (always epoch + 1) is dropped
+        try:
+            return cls(**{**known, "class_names": [str(c) for c in state.get("class_names", [])],
+                          "class_counts": [int(c) for c in state.get("class_counts", [])],
+                          "epoch": int(state.get("epoch", 0)),
+                          "best_val_bacc": float(state.get("best_val_bacc", -1.0)),
+                          "proj_head": bool(state.get("proj_head", True)),
+                          "legacy_temperature": float(t) if t is not None and float(t) != 1.0 else None,
+                          "format_version": CHECKPOINT_FORMAT})
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"{source}: a checkpoint entry has the wrong type ({exc})") from None
 
 
 @dataclass
@@ -92,17 +167,17 @@ def _cache_preprocessing(config: Any) -> dict[str, Any] | None:
         return None
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` with torch.save into a temporary sibling, then rename it onto `path`.
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write `checkpoint.to_dict()` with torch.save into a temporary sibling, then rename it onto `path`.
 
-    The training cache's preprocessing (`_cache_preprocessing`) is added when the state lacks it.
+    The training cache's preprocessing (`_cache_preprocessing`) is added when the checkpoint lacks it.
     """
-    if "preprocessing" not in state:
-        pre = _cache_preprocessing(state.get("config"))
+    if checkpoint.preprocessing is None:
+        pre = _cache_preprocessing(checkpoint.config)
         if pre is not None:
-            state = {**state, "preprocessing": pre}
+            checkpoint = dataclasses.replace(checkpoint, preprocessing=pre)
     with atomic_open(path, "wb") as fh:
-        torch.save(state, fh)
+        torch.save(checkpoint.to_dict(), fh)
 
 
 def write_calibration(folder: str | Path, temperature: float, fitted_on: str = "",
@@ -169,8 +244,8 @@ def read_calibration(folder: str | Path, checkpoint: str | Path | None = None) -
     return t
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (weights_only: no code runs on load).
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`, of any format (weights_only: no code runs on load).
 
     Raises:
         PipelineError: the file is missing, truncated, or not a checkpoint of this pipeline.
@@ -185,23 +260,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise PipelineError(f"{path} is not a readable checkpoint of this pipeline ({type(exc).__name__} while "
                             f"loading it safely). Pass a checkpoint-best.pt or checkpoint-last.pt written by "
                             f"`ecl train`.") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise PipelineError(f"{path} is not a checkpoint written by `ecl train` (no 'model'/'config' entries)")
-    return state
-
-
-def _tracking_uri_for_lookup(tracking_uri: str | None) -> str:
-    import os
-
-    if tracking_uri:
-        return tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path("runs") / "mlflow.db"  # the default train.output_dir's store
-    if db.is_file():
-        return f"sqlite:///{db.resolve()}"
-    raise PipelineError("an MLflow run id was given but no tracking store is known: pass --tracking-uri, set "
-                        "MLFLOW_TRACKING_URI, or give the run folder / checkpoint file instead")
+    return Checkpoint.from_dict(state, source=path)
 
 
 def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tuple[Path, str | None]:
@@ -228,20 +287,13 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None) -> tupl
                                 f"Re-run the same `ecl train` command to start it again")
         return best, None
     from . import tracking
+    from .store import resolve_run_ref
 
-    if text.startswith("models:/"):
-        # a registered model: follow its version back to the training run that logged it
-        uri = _tracking_uri_for_lookup(tracking_uri)
-        try:
-            text = tracking.registered_model_run_id(uri, text)
-        except Exception as exc:  # noqa: BLE001 - mlflow raises its own types for a missing model
-            raise PipelineError(f"registered model {ref!r} was not found in {uri} ({exc})") from None
-    match = _RUN_ID.match(text)
-    if match is None:
+    found = resolve_run_ref(text, tracking_uri)
+    if found is None:
         raise PipelineError(f"model reference {text!r} is not a checkpoint file, a run folder, an MLflow run id "
                             f"or a registered model (models:/NAME/VERSION)")
-    run_id = match.group(2)
-    uri = _tracking_uri_for_lookup(tracking_uri)
+    run_id, uri = found.run_id, found.tracking_uri
     try:
         run = tracking.get_run(uri, run_id)
     except PipelineError:
@@ -279,40 +331,31 @@ def load_trained_model(ref: str | Path, device: str | torch.device = "cpu", trac
     from .models import create_network
 
     path, run_id = resolve_checkpoint(ref, tracking_uri)
-    state = load_checkpoint(path)
-    cfg = RunConfig.model_validate(state["config"])
-    class_names = list(state["class_names"])
+    ckpt = load_checkpoint(path)
+    cfg = RunConfig.model_validate(ckpt.config)
+    class_names = list(ckpt.class_names)
     # weights come from the checkpoint: never read the (possibly absent) pretrained file again
     model_cfg = cfg.model.model_copy(update={"pretrained_file": None})
-    network = create_network(model_cfg, len(class_names), proj_head=bool(state.get("proj_head", True)))
+    network = create_network(model_cfg, len(class_names), proj_head=ckpt.proj_head)
     try:
-        network.load_state_dict(state["model"])
+        network.load_state_dict(ckpt.model)
     except RuntimeError as exc:
         raise PipelineError(f"{path}: the weights do not fit model.backbone={cfg.model.backbone!r} ({exc})") from None
     network.to(device).eval()
     run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
-    # calibration.json beside the checkpoint (written by `ecl evaluate`); older runs kept T in the checkpoint
+    # calibration.json beside the checkpoint (written by `ecl evaluate`); format-1 checkpoints could hold T
     temperature = read_calibration(path.parent, checkpoint=path)
+    if temperature is None:
+        temperature = ckpt.legacy_temperature if ckpt.legacy_temperature is not None else 1.0
     return TrainedModel(
         network=network,
         config=cfg,
         class_names=class_names,
-        class_counts=[int(c) for c in state.get("class_counts", [])],
-        temperature=float(temperature if temperature is not None else state.get("temperature", 1.0)),
-        preprocessing=state.get("preprocessing"),
-        run_id=run_id or state.get("mlflow_run_id"),
+        class_counts=list(ckpt.class_counts),
+        temperature=float(temperature),
+        preprocessing=ckpt.preprocessing,
+        run_id=run_id or ckpt.mlflow_run_id,
         run_dir=run_dir,
         checkpoint_path=path,
     )
 
-
-def set_temperature(checkpoint_path: str | Path, temperature: float) -> None:
-    """Store a fitted temperature in the checkpoint (atomically) so predictions come out calibrated.
-
-    Raises:
-        PipelineError: the temperature is not a positive finite number, or the file is unreadable.
-    """
-    t = _checked_temperature(temperature)
-    state = load_checkpoint(checkpoint_path)
-    state["temperature"] = t
-    save_checkpoint(checkpoint_path, state)

@@ -1,4 +1,8 @@
-"""The `ecl` command: argument parsing and dispatch only.
+"""The `ecl` command: argument parsing and dispatch only; the one argparse parser of the project.
+
+Why one: the `python -m pipeline.<stage>` entry points (train for torchrun, evaluate, predict,
+geometry_stage) used to carry parsers of their own that drifted from this one; they now hand
+their arguments to `main` here, so `python -m pipeline.train ARGS` is `ecl train ARGS`.
 
 Heavy imports (torch, timm, mlflow) are deferred into each subcommand so `ecl --help` is instant.
 User mistakes (DataPrepError, ConfigError, PipelineError, a missing input path) and faults of the
@@ -15,6 +19,8 @@ from typing import Callable, Sequence
 
 __all__ = ["main", "build_parser", "environment_fault"]
 
+_TRACKING_HELP = ("MLflow store; default $MLFLOW_TRACKING_URI, else the store the run was trained with, "
+                  "else runs/mlflow.db (pipeline.store.resolve_store)")
 _EPILOG = "Configs: YAML under configs/; override any key with --set section.key=value (repeatable)."
 
 
@@ -27,6 +33,19 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {n}")
     return n
+
+
+def _int_list(value: str) -> list[int]:
+    """argparse type: comma-separated whole numbers (class counts)."""
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 900,90,10; got {value!r}") from None
+
+
+def _name_list(value: str) -> list[str]:
+    """argparse type: comma-separated names (class names)."""
+    return [n.strip() for n in value.split(",")]
 
 
 def _existing(kind: str) -> Callable[[str], Path]:
@@ -98,10 +117,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)  # validate before importing torch: a typo costs a second, not a minute
-    from .train import run_train
+    from .distributed import cleanup
+    from .train import is_rank_zero, run_train
 
-    result = run_train(cfg, resume=args.resume, register=args.register)
-    print(f"run folder: {result.run_dir}\nMLflow run: {result.run_id}\nbest checkpoint: {result.best_checkpoint}")
+    try:
+        result = run_train(cfg, resume=args.resume, register=args.register)
+    except BaseException:
+        cleanup()  # under torchrun: leave the process group so the other ranks are not left waiting
+        raise
+    if is_rank_zero():
+        print(f"run folder: {result.run_dir}\nMLflow run: {result.run_id}\nbest checkpoint: {result.best_checkpoint}")
     return 0
 
 
@@ -137,18 +162,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_geometry(args: argparse.Namespace) -> int:
     from .geometry_stage import run_geometry
 
-    counts = None
-    if args.class_counts:
-        try:
-            counts = [int(v) for v in args.class_counts.split(",") if v.strip()]
-        except ValueError:
-            raise SystemExit(f"ecl geometry: --counts {args.class_counts!r} must be integers separated by commas") from None
+    counts = args.class_counts or None
     if counts is None and args.run is None and args.majority is None:
         raise SystemExit("ecl geometry: give --counts N,N,..., --majority/--minority, or --run RUN_ID")
-    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     run_geometry(class_counts=counts, majority=args.majority, minority=args.minority, ratio=args.ratio,
                  negatives=args.negatives, temperature=args.temperature, mode=args.mode, out_dir=args.out,
-                 run_ref=args.run, split=args.split, tracking_uri=args.tracking_uri, class_names=names)
+                 run_ref=args.run, split=args.split, tracking_uri=args.tracking_uri, class_names=args.class_names)
     return 0
 
 
@@ -275,14 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <run folder>/eval-<split>)")
     p.add_argument("--n-bootstrap", type=int, default=None)
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="calibrated class probabilities for new images (ISIC CSV format)")
     p.add_argument("--model", required=True, help="MLflow run id, run folder or checkpoint file")
     p.add_argument("--images", type=_existing("any"), required=True, help="image file or folder (JPEG/PNG/DICOM)")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"))
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("compare", help="compare runs (and methods across seeds) with CIs and bootstrap tests")
@@ -295,13 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--out", type=Path, default=Path("comparison"))
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("geometry", help="optimal and learned representation geometry for a cohort's imbalance")
-    p.add_argument("--counts", "--class-counts", dest="class_counts", default=None,
+    p.add_argument("--counts", "--class-counts", dest="class_counts", type=_int_list, default=None,
                    help="training counts, e.g. 12875,4522,3323,2624,867,628,253,239")
-    p.add_argument("--class-names", default=None, help="class names for --counts, comma-separated, e.g. NV,MEL,BCC")
+    p.add_argument("--class-names", type=_name_list, default=None,
+                   help="class names for --counts, comma-separated, e.g. NV,MEL,BCC")
     p.add_argument("--majority", type=int, default=None, help="two-level model: number of majority classes")
     p.add_argument("--minority", type=int, default=None, help="two-level model: number of minority classes")
     p.add_argument("--ratio", type=float, default=None, help="two-level model: imbalance ratio R (omit for b*(R) over a range)")
@@ -311,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="MLflow run id or run folder: learned geometry of a trained model")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--out", type=Path, default=Path("geometry"))
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
     p.set_defaults(func=_cmd_geometry)
     return parser
 

@@ -43,12 +43,12 @@ from data_prep import atomic_write_bytes, atomic_write_text
 
 from . import metrics, plots, report, stats
 from .errors import PipelineError
+from .store import DEFAULT_OUTPUT_DIR, resolve_run_ref, resolve_store
 
 __all__ = ["RunPredictions", "load_run_predictions", "run_compare", "expand_run_folders", "group_key",
            "uncalibrated_probs", "DEFAULT_EXPERIMENT"]
 
 DEFAULT_EXPERIMENT = "ecl"
-_RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})/?$")
 _BEST = "checkpoint-best.pt"
 #: below this many runs a group's seed spread (and so its hierarchical interval) is a rough guess
 MIN_SEEDS = 3
@@ -132,9 +132,9 @@ def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str
     """Find (or make, by evaluating) one run's predictions on `split`.
 
     Args:
-        ref: an eval folder, a run folder, or an MLflow run id.
+        ref: an eval folder, a run folder, or an MLflow reference (run id, runs:/ID, models:/NAME/VERSION).
         split: 'val' or 'test'.
-        tracking_uri: MLflow store for run ids.
+        tracking_uri: MLflow store for run ids (`pipeline.store.resolve_store`'s rule).
 
     Raises:
         PipelineError: `ref` is none of those, or its predictions cannot be read.
@@ -152,11 +152,10 @@ def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str
                                     f"a run folder with checkpoint-best.pt or eval-{split}/")
             folder = run_evaluate(path, split=split, tracking_uri=tracking_uri, echo=False).out_dir
         return _read_eval_folder(folder, path.name, str(path), config=_read_config(path))
-    match = _RUN_ID.match(str(ref))
-    if match is None:
+    found = resolve_run_ref(str(ref), tracking_uri)
+    if found is None:
         raise PipelineError(f"run reference {ref!r} is not a folder or an MLflow run id (32 hex digits)")
-    run_id = match.group(1)
-    uri = _lookup_uri(tracking_uri)
+    run_id, uri = found.run_id, found.tracking_uri
     from . import tracking
 
     try:
@@ -216,12 +215,12 @@ def _run_tags(run: RunPredictions, tracking_uri: str | None) -> dict[str, str]:
     if run.tags is None:
         run.tags = {}
         ml = run.info.get("mlflow") or {}
-        uri = tracking_uri or ml.get("tracking_uri")
-        if ml.get("run_id") and uri:
+        if ml.get("run_id"):
             from . import tracking
 
             try:
-                run.tags = dict(tracking.get_run(str(uri), str(ml["run_id"])).data.tags)
+                uri = resolve_store(tracking_uri, stored=ml.get("tracking_uri"))
+                run.tags = dict(tracking.get_run(uri, str(ml["run_id"])).data.tags)
             except Exception:  # noqa: BLE001 - store gone or run deleted: no tags
                 run.tags = {}
     return run.tags
@@ -264,16 +263,6 @@ def uncalibrated_probs(probs: np.ndarray, temperature: float | None) -> np.ndarr
     with np.errstate(divide="ignore"):
         logp = np.log(np.asarray(probs, dtype=np.float64))
     return softmax(float(temperature) * logp, axis=1)
-
-
-def _lookup_uri(tracking_uri: str | None) -> str:
-    import os
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise PipelineError("MLflow run ids were given but no tracking store is known: pass --tracking-uri or set "
-                            "MLFLOW_TRACKING_URI, or give run folders instead")
-    return uri
 
 
 def _experiment_refs(uri: str, experiment: str, split: str) -> list[str]:
@@ -394,7 +383,8 @@ def run_compare(run_refs: Sequence[str] | None, experiment: str | None = None, t
             Empty/None with `experiment`: every finished run of the experiment that has `<split>`
             metrics, oldest first.
         experiment: MLflow experiment to take the runs from, and to log the comparison in.
-        tracking_uri: MLflow store (default $MLFLOW_TRACKING_URI, else a store in `out_dir`).
+        tracking_uri: MLflow store (`pipeline.store.resolve_store`: this, else $MLFLOW_TRACKING_URI, else the
+            store the runs were evaluated with, else a store in `out_dir`).
         out_dir: output folder.
         split: 'val' or 'test'.
         n_bootstrap: resamples for the CIs, the paired tests and the hierarchical bootstrap.
@@ -417,7 +407,7 @@ def run_compare(run_refs: Sequence[str] | None, experiment: str | None = None, t
     if not refs:
         if not experiment:
             raise PipelineError("give run ids / run folders to compare, or --experiment NAME")
-        refs = _experiment_refs(_lookup_uri(tracking_uri), experiment, split)
+        refs = _experiment_refs(resolve_store(tracking_uri, beside=DEFAULT_OUTPUT_DIR), experiment, split)
         if not refs:
             raise PipelineError(f"experiment {experiment!r} has no finished run with {split} predictions; "
                                 f"run `ecl evaluate --run RUN_ID --split {split}` first")
@@ -541,7 +531,8 @@ def run_compare(run_refs: Sequence[str] | None, experiment: str | None = None, t
         groups=group_rows, group_by=group_by, min_seeds=MIN_SEEDS,
     )
 
-    uri = tracking_uri or _first_known_uri(runs) or tracking.resolve_tracking_uri(None, out)
+    stored = next((str(u) for r in runs if (u := (r.info.get("mlflow") or {}).get("tracking_uri"))), None)
+    uri = resolve_store(tracking_uri, stored=stored, beside=out, create=True)
     exp = experiment or str(ref.info.get("experiment") or DEFAULT_EXPERIMENT)
     with tracking.start_run(uri, exp, run_name=f"compare-{split}",
                             tags={"ecl.kind": "compare", "ecl.compare.group_by": group_by,
@@ -573,14 +564,3 @@ def run_compare(run_refs: Sequence[str] | None, experiment: str | None = None, t
         tracking.log_text(html_path.read_text(encoding="utf-8"), "report/compare.html")
     return html_path
 
-
-def _first_known_uri(runs: list[RunPredictions]) -> str | None:
-    import os
-
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    for r in runs:
-        uri = (r.info.get("mlflow") or {}).get("tracking_uri")
-        if uri:
-            return str(uri)
-    return None

@@ -136,7 +136,7 @@ def run_demo(
     from .compare import run_compare
     from .config import load_config
     from .evaluate import run_evaluate
-    from .tracking import resolve_tracking_uri
+    from .store import resolve_store
     from .train import run_train
 
     if modality not in _COHORT_DEFAULTS:
@@ -161,7 +161,7 @@ def run_demo(
     if backbone:
         overrides.append(f"model.backbone={backbone}")
     base_cfg = load_config(demo_config_path(modality), overrides)
-    tracking_uri = resolve_tracking_uri(base_cfg.tracking.uri, out)
+    tracking_uri = resolve_store(base_cfg.tracking.uri, beside=out, create=True)
     result = DemoResult(out=out, tracking_uri=tracking_uri)
 
     clock = [time.perf_counter()]

@@ -282,16 +282,6 @@ def _split_sha256(cache: Any, split: str) -> str:
     return bytes_sha256("\n".join(ids))
 
 
-def _resolve_uri(tracking_uri: str | None, state: dict[str, Any], cfg: Any) -> str:
-    from .tracking import resolve_tracking_uri
-
-    if tracking_uri:
-        return tracking_uri
-    if state.get("tracking_uri"):
-        return str(state["tracking_uri"])
-    return resolve_tracking_uri(cfg.tracking.uri, cfg.train.output_dir)
-
-
 
 # ---------------------------------------------------------------- terminal and model card
 def _op_at(ops: dict[str, Any] | None, name: str, kind: str, target: float = 0.9) -> dict[str, Any] | None:
@@ -484,6 +474,7 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     from . import tracking
     from .checkpoint import load_checkpoint, load_trained_model, write_calibration
     from .config import flatten_config, public_config
+    from .store import resolve_store
 
     if split not in ("train", "val", "test"):
         raise PipelineError(f"split {split!r} is not one of train, val, test")
@@ -493,7 +484,7 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     from .threads import apply_threads, plan_threads
 
     apply_threads(plan_threads(cfg.train.threads, cfg.data.num_workers, device))  # threads + workers <= cores
-    state = load_checkpoint(tm.checkpoint_path)
+    ckpt = load_checkpoint(tm.checkpoint_path)
     names = list(tm.class_names)
     n_boot = int(n_bootstrap if n_bootstrap is not None else cfg.eval.n_bootstrap)
     if n_boot < 1:
@@ -508,9 +499,9 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
     out = Path(out_dir) if out_dir is not None else Path(run_folder) / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
     warn: list[str] = []
-    if state.get("dataset_sha256") and state["dataset_sha256"] != cache.dataset_sha256:
+    if ckpt.dataset_sha256 and ckpt.dataset_sha256 != cache.dataset_sha256:
         warn.append(f"The cache {cfg.data.cache} differs from the one the model was trained on "
-                    f"(dataset hash {cache.dataset_sha256[:12]} vs {str(state['dataset_sha256'])[:12]}).")
+                    f"(dataset hash {cache.dataset_sha256[:12]} vs {ckpt.dataset_sha256[:12]}).")
 
     # 1. predictions
     torch.manual_seed(cfg.train.seed)
@@ -677,7 +668,7 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         "dataset sha256": cache.dataset_sha256,
         "manifest sha256": cache.manifest_sha256,
         f"{split} split sha256 (image ids)": _split_sha256(cache, split),
-        "trained on dataset sha256": str(state.get("dataset_sha256", "unknown")),
+        "trained on dataset sha256": ckpt.dataset_sha256 or "unknown",
         "torch": torch.__version__,
         "device": device,
         "bootstrap": f"{n_boot} stratified resamples, seed {cfg.eval.bootstrap_seed}",
@@ -691,7 +682,9 @@ def run_evaluate(ref: str | Path, split: str = "test", tracking_uri: str | None 
         "n_labelled": int(labelled.sum()),
         "n_unlabelled": int((~labelled).sum()),
     }
-    uri = _resolve_uri(tracking_uri, state, cfg)
+    # the run folder's parent holds the local store train wrote to (pipeline.store.resolve_store's rule)
+    uri = resolve_store(tracking_uri, stored=ckpt.tracking_uri or cfg.tracking.uri,
+                        beside=tm.run_dir.parent if tm.run_dir else cfg.train.output_dir, create=True)
     run_title = cfg.train.run_name or Path(str(tm.run_dir or tm.checkpoint_path)).name
     card = model_card(title=run_title, method=cfg.method.name, backbone=cfg.model.backbone, kind=cache.kind,
                       split=split, class_names=names, cohort=cohort, flat=flat, subgroups=subgroups,
@@ -870,7 +863,7 @@ def _log_to_mlflow(tracking: Any, uri: str, cfg: Any, tm: Any, split: str, flat:
         tracking.log_metrics({f"{split}/{k}": v for k, v in flat.items()})
         tracking.log_artifacts(out, artifact_path=f"eval-{split}")
         calibration_file = tm.checkpoint_path.parent / "calibration.json"
-        if calibration_file.is_file():  # read by `ecl predict --model <run id | models:/...>` on any machine
+        if calibration_file.is_file():  # read by `ecl predict` given a run id or models:/... on any machine
             tracking.log_artifact(calibration_file, artifact_path="calibration")
             from .serving import log_servable
 
@@ -883,19 +876,12 @@ def _log_to_mlflow(tracking: Any, uri: str, cfg: Any, tm: Any, split: str, flat:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipeline.evaluate REF [--split test]`: same as `ecl evaluate`."""
-    import argparse
+    """`python -m pipeline.evaluate ARGS` is `ecl evaluate ARGS` (one parser: pipeline.cli)."""
+    import sys
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate")
-    p.add_argument("ref")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--n-bootstrap", type=int, default=None)
-    p.add_argument("--tracking-uri", default=None)
-    a = p.parse_args(argv)
-    result = run_evaluate(a.ref, split=a.split, tracking_uri=a.tracking_uri, out_dir=a.out, n_bootstrap=a.n_bootstrap)
-    print(f"\nreport: {result.report_path}")
-    return 0
+    from .cli import main as ecl_main
+
+    return ecl_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

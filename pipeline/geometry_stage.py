@@ -25,7 +25,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -45,7 +44,6 @@ __all__ = [
     "gram_heatmap_png",
     "geometry_section",
     "run_geometry",
-    "build_parser",
     "main",
 ]
 
@@ -499,44 +497,11 @@ def run_geometry(class_counts: list[int] | None = None, majority: int | None = N
         raise ConfigError(f"ecl geometry: {err}") from err
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 900,90,10; got {text!r}")
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `ecl geometry` (cli.py may pass its subparser in)."""
-    p = parser or argparse.ArgumentParser(prog="ecl geometry", description=__doc__.split("\n")[0])
-    p.add_argument("--counts", "--class-counts", dest="counts", type=_int_list,
-                   help="training count per class, comma-separated")
-    p.add_argument("--class-names", type=lambda s: s.split(","), help="class names, comma-separated")
-    p.add_argument("--majority", type=int, help="number of majority classes (two-level problem)")
-    p.add_argument("--minority", type=int, help="number of minority classes (two-level problem)")
-    p.add_argument("--ratio", type=float, help="p_major / p_minor; default: a grid from 1 to 1000")
-    p.add_argument("--negatives", type=int, default=1, help="negatives per anchor, k (default 1)")
-    p.add_argument("--tau", "--temperature", dest="tau", type=float, default=0.1, help="loss temperature (default 0.1)")
-    p.add_argument("--mode", choices=("scl", "ucl"), default="scl", help="supervised or unsupervised negatives")
-    p.add_argument("--run", dest="run_ref", help="trained run: checkpoint, run folder or MLflow run id")
-    p.add_argument("--split", default="test", help="split of the run's cache (default test)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for --run")
-    p.add_argument("--out", default=".", help="folder for the heat maps (default .)")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipeline.geometry_stage ...`: user faults print one line and exit with status 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        run_geometry(class_counts=args.counts, majority=args.majority, minority=args.minority, ratio=args.ratio,
-                     negatives=args.negatives, temperature=args.tau, mode=args.mode, out_dir=args.out,
-                     run_ref=args.run_ref, split=args.split, tracking_uri=args.tracking_uri,
-                     class_names=args.class_names)
-    except (ConfigError, PipelineError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m pipeline.geometry_stage ARGS` is `ecl geometry ARGS` (one parser: pipeline.cli)."""
+    from pipeline.cli import main as ecl_main
+
+    return ecl_main(["geometry", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -274,17 +274,10 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipeline.predict --model REF --images PATH [--out predictions.csv]`."""
-    import argparse
+    """`python -m pipeline.predict ARGS` is `ecl predict ARGS` (one parser: pipeline.cli)."""
+    from .cli import main as ecl_main
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.predict")
-    p.add_argument("--model", required=True)
-    p.add_argument("--images", required=True)
-    p.add_argument("--out", default="predictions.csv")
-    p.add_argument("--tracking-uri", default=None)
-    a = p.parse_args(argv)
-    print(f"predictions: {run_predict(a.model, a.images, out_csv=a.out, tracking_uri=a.tracking_uri)}")
-    return 0
+    return ecl_main(["predict", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

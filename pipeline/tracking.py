@@ -1,8 +1,8 @@
 """MLflow tracking: the only module that imports mlflow.
 
-Why one module: the store location rule (config, then MLFLOW_TRACKING_URI, then a sqlite file
-inside the output folder), the artifact location next to it, and the metric naming
-(`<split>/<name>`) live in one place, and nothing else needs to know MLflow's API.
+Why one module: the artifact location next to the store and the metric naming (`<split>/<name>`)
+live in one place, and nothing else needs to know MLflow's API. Which store a command uses is
+decided by `pipeline.store.resolve_store` (one precedence for every command).
 Telemetry is switched off: nothing may reach the network at run time.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 PROBE_TIMEOUT_S = 5.0
 
 __all__ = [
-    "resolve_tracking_uri", "ensure_experiment", "start_run", "log_params", "log_metrics", "set_tags",
+    "ensure_experiment", "start_run", "log_params", "log_metrics", "set_tags",
     "log_artifact", "log_artifacts", "log_text", "log_dict", "log_torch_model",
     "pinned_requirements", "registered_model_run_id", "get_run", "download_artifacts",
     "search_runs", "sanitize_metric_name", "check_reachable", "project_requirements", "log_pyfunc_model",
@@ -73,18 +73,6 @@ def check_reachable(uri: str) -> None:
                             f"({exc.strerror or type(exc).__name__}). Start it, fix tracking.uri / MLFLOW_TRACKING_URI, "
                             f"or unset them to use a local sqlite store.") from None
     _probed.add(uri)
-
-
-def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
-    if configured:
-        return configured
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    db = Path(output_dir).resolve() / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
 
 
 def _artifact_root(uri: str) -> str | None:

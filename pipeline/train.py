@@ -25,7 +25,6 @@ Only rank 0 writes files, prints and talks to MLflow (through `pipeline.tracking
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import random
@@ -44,13 +43,14 @@ import data_prep
 from data_prep import atomic_write_text, file_sha256
 
 from . import tracking
-from .checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import BEST, LAST, Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import RunConfig, flatten_config, load_config, public_config, save_config
 from .distributed import DistInfo, all_gather, all_reduce_mean, barrier, cleanup, init_distributed
 from .errors import ConfigError, PipelineError
+from .store import resolve_store
 from .threads import ThreadPlan, apply_threads, available_cores, plan_threads
 
-__all__ = ["TrainResult", "run_train", "main", "cosine_with_warmup", "rng_state", "set_rng_state"]
+__all__ = ["TrainResult", "run_train", "main", "cosine_with_warmup", "rng_state", "set_rng_state", "is_rank_zero"]
 
 
 @dataclass(frozen=True)
@@ -209,9 +209,9 @@ def _init_from(network: torch.nn.Module, ref: str, class_names: list[str], cfg: 
         (parent reference for the `ecl.parent_run` tag, notices).
     """
     path, run_id = resolve_checkpoint(ref, tracking_uri)
-    state = load_checkpoint(path)
-    parent_classes = list(state["class_names"])
-    weights = dict(state["model"])
+    parent_ckpt = load_checkpoint(path)
+    parent_classes = list(parent_ckpt.class_names)
+    weights = dict(parent_ckpt.model)
     notices: list[str] = []
     if parent_classes != class_names:
         # the tensors reset_classes replaces are the class-owned ones (classifier, prototype head):
@@ -232,7 +232,7 @@ def _init_from(network: torch.nn.Module, ref: str, class_names: list[str], cfg: 
     if loaded == 0:
         raise PipelineError(f"train.init_from {ref}: no tensor of the parent fits model.backbone={cfg.model.backbone!r}")
     notices.append(f"init_from: {loaded} tensors loaded from {path}; {len(missing)} kept freshly initialised")
-    parent = run_id or state.get("mlflow_run_id") or str(path)
+    parent = run_id or parent_ckpt.mlflow_run_id or str(path)
     return str(parent), notices
 
 
@@ -291,7 +291,7 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
     from .models import create_network, model_data_config
     from .registry import create_method
 
-    resume_state: dict[str, Any] | None = None
+    resume_state: Checkpoint | None = None
     notices: list[str] = []
     if resume is not None:
         run_dir = Path(resume)
@@ -300,7 +300,7 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
             raise PipelineError(f"cannot resume {run_dir}: it has no {LAST} (not a run folder, or the run never "
                                 f"finished an epoch); start a new run instead")
         resume_state = load_checkpoint(last)
-        cfg, notices = _resume_config(cfg, RunConfig.model_validate(resume_state["config"]))
+        cfg, notices = _resume_config(cfg, RunConfig.model_validate(resume_state.config))
     else:
         run_dir = _new_run_dir(cfg)
 
@@ -333,7 +333,7 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
     if empty:
         raise PipelineError(f"{cfg.data.cache}: classes {empty} have no training images; every class in cache.json needs "
                             f"at least one train image (re-split with `ecl prepare`, or drop the class)")
-    if resume_state is not None and resume_state.get("dataset_sha256") not in (None, cache.dataset_sha256):
+    if resume_state is not None and resume_state.dataset_sha256 not in (None, cache.dataset_sha256):
         raise PipelineError(f"cannot resume {run_dir}: the cache {cfg.data.cache} is not the one the run started on "
                             f"(dataset_sha256 differs)")
 
@@ -346,12 +346,12 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
     # run keeps the heads it started with (its optimizer state counts their parameters)
     prototypes = proj_head and heads["prototypes"]
     if resume_state is not None:
-        prototypes = any(str(k).startswith("prototype_head.") for k in resume_state["model"])
+        prototypes = any(str(k).startswith("prototype_head.") for k in resume_state.model)
     network = create_network(cfg.model, len(class_names), proj_head=proj_head, prototypes=prototypes)
     # built again with the network's widths so a duality/proj_dim mismatch fails before training
     method = create_method(cfg.method, counts, feature_dim=network.feature_dim, proj_dim=network.proj_dim)
     norm = model_data_config(network)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.train.output_dir)
+    uri = resolve_store(cfg.tracking.uri, beside=cfg.train.output_dir, create=True)
     parent_run = None
     if cfg.train.init_from and resume_state is None:
         parent_run, init_notes = _init_from(network, cfg.train.init_from, class_names, cfg, uri)
@@ -394,18 +394,21 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
     start_epoch, best_bacc, run_id = 0, -1.0, None
     rows: list[dict[str, Any]] = []
     if resume_state is not None:
-        network.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        method.load_state_dict(resume_state["method_state"])
-        start_epoch = int(resume_state["epoch"]) + 1
-        best_bacc = float(resume_state["best_val_bacc"])
-        run_id = resume_state.get("mlflow_run_id")
-        parent_run = resume_state.get("parent_run")
+        if resume_state.optimizer is None or resume_state.rng is None:
+            raise PipelineError(f"cannot resume {run_dir}: {LAST} holds no optimiser/RNG state (not written by "
+                                f"`ecl train`); start a new run instead")
+        network.load_state_dict(resume_state.model)
+        optimizer.load_state_dict(resume_state.optimizer)
+        scheduler.load_state_dict(resume_state.scheduler)
+        scaler.load_state_dict(resume_state.scaler)
+        method.load_state_dict(resume_state.method_state)
+        start_epoch = resume_state.epoch + 1
+        best_bacc = resume_state.best_val_bacc
+        run_id = resume_state.mlflow_run_id
+        parent_run = resume_state.parent_run
         if main_rank:
             rows = _read_metrics(run_dir / "metrics.csv", start_epoch - 1)
-        set_rng_state(resume_state["rng"])
+        set_rng_state(resume_state.rng)
         if start_epoch >= cfg.train.epochs:
             say(f"resume: the run already finished {start_epoch} epochs; nothing to train "
                 f"(extend it with --set train.epochs=N)")
@@ -435,16 +438,16 @@ def run_train(cfg: RunConfig, resume: str | None = None, register: str | None = 
                 f"{dict(zip(class_names, counts.tolist()))}, device {device}, world size {dist.world_size}, "
                 f"{threads.describe()}")
 
-        def checkpoint_state(epoch: int) -> dict[str, Any]:
-            return {
-                "model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "method_state": method.state_dict(), "epoch": epoch, "rng": rng_state(),
-                "sampler_epoch": epoch + 1, "config": public_config(cfg), "class_names": class_names,
-                "class_counts": [int(c) for c in counts], "best_val_bacc": best_bacc, "temperature": 1.0,
-                "mlflow_run_id": run_id, "tracking_uri": uri, "dataset_sha256": cache.dataset_sha256,
-                "manifest_sha256": cache.manifest_sha256, "proj_head": proj_head, "parent_run": parent_run,
-            }
+        def checkpoint_state(epoch: int) -> Checkpoint:
+            return Checkpoint(
+                model=network.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                method_state=method.state_dict(), epoch=epoch, rng=rng_state(),
+                config=public_config(cfg), class_names=list(class_names),
+                class_counts=[int(c) for c in counts], best_val_bacc=best_bacc,
+                mlflow_run_id=run_id, tracking_uri=uri, dataset_sha256=cache.dataset_sha256,
+                manifest_sha256=cache.manifest_sha256, proj_head=proj_head, parent_run=parent_run,
+            )
 
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.sampler.set_epoch(epoch)
@@ -616,10 +619,10 @@ def _log_final_model(best: Path, cfg: RunConfig, norm: dict, register: str | Non
     """Log the best weights as an MLflow model (signature from a [1, 3, H, W] float32 example)."""
     from .models import create_network
 
-    state = load_checkpoint(best)
-    network = create_network(cfg.model.model_copy(update={"pretrained_file": None}), len(state["class_names"]),
-                             proj_head=bool(state.get("proj_head", True)))
-    network.load_state_dict(state["model"])
+    ckpt = load_checkpoint(best)
+    network = create_network(cfg.model.model_copy(update={"pretrained_file": None}), len(ckpt.class_names),
+                             proj_head=ckpt.proj_head)
+    network.load_state_dict(ckpt.model)
     network.eval()
     size = cfg.data.image_size
     example = np.zeros((1, 3, size, size), dtype=np.float32)
@@ -628,26 +631,13 @@ def _log_final_model(best: Path, cfg: RunConfig, norm: dict, register: str | Non
 
 # ---------------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.train --config C [--set k=v ...] [--resume RUN] [--register NAME]` (torchrun-ready)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description="Train one run (DDP under torchrun).")
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR")
-    parser.add_argument("--register", default=None, metavar="NAME")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = run_train(cfg, resume=args.resume, register=args.register)
-    except (ConfigError, PipelineError, data_prep.DataPrepError) as exc:
-        print(f"ecl train: {exc}", file=sys.stderr)
-        cleanup()
-        return 2
-    if _is_rank_zero():
-        print(f"run folder: {result.run_dir}\nMLflow run: {result.run_id}\nbest checkpoint: {result.best_checkpoint}")
-    return 0
+    """`python -m pipeline.train ARGS` is `ecl train ARGS` (one parser: pipeline.cli); torchrun launches this."""
+    from .cli import main as ecl_main
+
+    return ecl_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     """After run_train has left the process group: rank from torchrun's environment (0 alone)."""
     import os
 

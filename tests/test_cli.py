@@ -198,3 +198,127 @@ def test_prepare_folder_builds_an_image_cache_without_file_names(tmp_path, capsy
     err = _one_line_error(capsys, main(["prepare", "folder", "--root", str(tmp_path / "in" / "nevus"),
                                         "--out", str(tmp_path / "c2")]))
     assert "class folder(s) found; a classifier needs at least two" in err
+
+
+# ---------------------------------------------------------------- docs and parser cannot drift
+import re  # noqa: E402
+import shlex  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+_ENTRY = re.compile(r"-m pipeline\.(train|evaluate|predict|geometry_stage)\b")
+_STAGE = {"geometry_stage": "geometry"}
+
+
+def _spans(text: str) -> list[str]:
+    """Command lines in a text: `inline code`, lines of ``` blocks and indented docstring examples."""
+    fences = re.compile(r"^\s*```.*?^\s*```", re.S | re.M)
+    prose = fences.sub("", text)
+    # an inline span may run over a line break, never over a blank line
+    found = [m.group(1) for m in re.finditer(r"`((?:ecl |torchrun |python3? -m pipeline\.)(?:[^`\n]|\n(?!\s*\n))*)`", prose)]
+    joined: list[str] = []
+    for line in text.splitlines():  # a trailing backslash continues a shell line
+        if joined and joined[-1].endswith("\\"):
+            joined[-1] = joined[-1][:-1] + " " + line.strip()
+        else:
+            joined.append(line)
+    found += [ln.strip() for ln in joined if re.match(r"\s*(ecl |torchrun |python3? -m pipeline\.)", ln)]
+    return found
+
+
+def _commands(text: str) -> list[str]:
+    """`ecl ...` and `[torchrun ...|python] -m pipeline.<stage> ...` as argv strings starting at the subcommand."""
+    out = []
+    for span in _spans(text):
+        span = re.sub(r"<[^>]*>", "PLACEHOLDER", span)  # <run id | models:/...> is one value, not a pipe
+        for part in re.split(r"&&|;|\|", " ".join(span.split())):
+            part = part.strip()
+            m = _ENTRY.search(part)
+            if m:
+                out.append(f"{_STAGE.get(m.group(1), m.group(1))} {part[m.end():]}".strip())
+            elif part.startswith("ecl "):
+                out.append(part[len("ecl "):])
+    return out
+
+
+def _usage_lines() -> list[tuple[str, str]]:
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "pipeline").glob("*.py"))]
+    return [(str(p.relative_to(ROOT)), cmd) for p in sources for cmd in _commands(p.read_text(encoding="utf-8"))]
+
+
+def _argv(command: str, tmp: Path) -> list[str]:
+    """Placeholders become dummies the real parser accepts: DIR/CSV/CONFIG exist, the rest are words."""
+    command = re.sub(r"\{split\}", "test", command)  # f-string fields of messages
+    command = re.sub(r"\{[^}]*\}", "PLACEHOLDER", command)
+    command = command.replace("[", " ").replace("]", " ")  # optional parts are parsed too
+    things = {"DIR": tmp, "CSV": tmp / "file.csv", "CONFIG": tmp / "config.yaml"}
+    argv = []
+    for token in shlex.split(command):
+        if token in ("...", "ARGS"):
+            continue
+        argv.append(str(things[token]) if token in things else token)
+    return argv
+
+
+def test_docs_cover_every_subcommand():
+    named = {cmd.split()[0] for _, cmd in _usage_lines()}
+    assert set(SUBCOMMANDS) <= named, set(SUBCOMMANDS) - named
+
+
+def test_every_documented_command_line_parses(tmp_path, monkeypatch, capsys):
+    """Every `ecl ...` line of README.md, docs/*.md and pipeline/*.py parses with the real parser.
+
+    Parsing only: nothing runs. A bare mention (`ecl predict`) only has to name a subcommand.
+    """
+    (tmp_path / "file.csv").write_text("image,label\n")
+    (tmp_path / "config.yaml").write_text("{}\n")
+    monkeypatch.chdir(ROOT)  # configs/... in the docs are relative to the repository
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them there
+    prepare_kinds = subcommands["prepare"]._subparsers._group_actions[0].choices  # noqa: SLF001
+    bad = []
+    usage = _usage_lines()
+    assert len(usage) > 20  # the extraction itself works
+    for where, command in usage:
+        argv = _argv(command, tmp_path)
+        if not argv:
+            continue  # `ecl ...`: commands in general
+        if argv[0] not in subcommands and not argv[0].startswith("-"):
+            bad.append(f"{where}: `ecl {command}`: no subcommand {argv[0]!r}")
+            continue
+        if len(argv) == 1 or (argv[0] == "prepare" and len(argv) == 2 and argv[1] in prepare_kinds):
+            continue  # a name, not a usage line
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exc:  # --help exits 0
+            if exc.code != 0:
+                bad.append(f"{where}: `ecl {command}` does not parse")
+    assert bad == []
+
+
+def test_python_m_entry_points_are_the_ecl_parser(capsys):
+    """`python -m pipeline.<stage> ARGS` is `ecl <stage> ARGS`: same usage line, same errors."""
+    from pipeline import evaluate, geometry_stage, predict, train
+
+    for name, module in (("train", train), ("evaluate", evaluate), ("predict", predict), ("geometry", geometry_stage)):
+        with pytest.raises(SystemExit) as exc:
+            module.main(["--help"])
+        assert exc.value.code == 0 and f"usage: ecl {name}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        geometry_stage.main(["--counts", "9,x"])
+    assert exc.value.code == 2
+    assert "argument --counts/--class-counts: expected comma-separated whole numbers" in capsys.readouterr().err
+
+
+def test_counts_alias_and_class_names_parse_alike():
+    parser = build_parser()
+    a = parser.parse_args(["geometry", "--counts", "900,90,10", "--class-names", "NV, MEL,DF"])
+    b = parser.parse_args(["geometry", "--class-counts", "900,90,10", "--class-names", "NV,MEL,DF"])
+    assert a.class_counts == b.class_counts == [900, 90, 10]
+    assert a.class_names == b.class_names == ["NV", "MEL", "DF"]
+
+
+def test_cli_is_the_only_argparse_parser_in_pipeline():
+    users = sorted(p.name for p in (ROOT / "pipeline").glob("*.py") if re.search(r"^\s*import argparse|ArgumentParser\(",
+                                                                                   p.read_text(encoding="utf-8"), re.M))
+    assert users == ["cli.py"]

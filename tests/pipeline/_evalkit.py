@@ -83,7 +83,7 @@ def train_tiny(cache: Path, out: Path, uri: str, method: str = "ce", run_name: s
 
 def make_run(cache: Path, out: Path, uri: str | None, run_name: str = "tiny", seed: int = 0, steps: int = 8,
              method: str = "ce", mlflow_run: bool = True) -> Path:
-    """A run folder with a checkpoint in the documented format, trained for a few full-batch steps.
+    """A run folder with a `Checkpoint` (model-only: no optimiser state), trained for a few full-batch steps.
 
     Faster than `run_train` (no MLflow model export), so most tests can afford their own runs.
     With `mlflow_run`, an MLflow run is opened first (tag ecl.run_dir) and its id stored in the
@@ -94,7 +94,7 @@ def make_run(cache: Path, out: Path, uri: str | None, run_name: str = "tiny", se
 
     from data_prep import open_cache
     from pipeline import tracking
-    from pipeline.checkpoint import BEST, save_checkpoint
+    from pipeline.checkpoint import BEST, Checkpoint, save_checkpoint
     from pipeline.config import public_config, save_config
     from pipeline.data import create_eval_loader
     from pipeline.models import create_network, model_data_config
@@ -121,12 +121,12 @@ def make_run(cache: Path, out: Path, uri: str | None, run_name: str = "tiny", se
                                 tags={"ecl.run_dir": str(run_dir.resolve()), "ecl.method": method}) as rid:
             tracking.log_metrics({"train/loss": 1.0})
             run_id = rid
-    save_checkpoint(run_dir / BEST, {
-        "model": net.state_dict(), "epoch": 0, "config": public_config(cfg), "class_names": c.class_names,
-        "class_counts": [int(v) for v in c.class_counts("train")], "best_val_bacc": 0.0, "temperature": 1.0,
-        "mlflow_run_id": run_id, "tracking_uri": uri, "dataset_sha256": c.dataset_sha256,
-        "manifest_sha256": c.manifest_sha256, "proj_head": True,
-    })
+    save_checkpoint(run_dir / BEST, Checkpoint(
+        model=net.state_dict(), epoch=0, config=public_config(cfg), class_names=list(c.class_names),
+        class_counts=[int(v) for v in c.class_counts("train")], best_val_bacc=0.0,
+        mlflow_run_id=run_id, tracking_uri=uri, dataset_sha256=c.dataset_sha256,
+        manifest_sha256=c.manifest_sha256, proj_head=True,
+    ))
     return run_dir
 
 

@@ -1,6 +1,7 @@
-"""Checkpoints: atomic weights-only files, the three model references, temperature storage."""
+"""Checkpoints: the typed format and its older layout, atomic weights-only files, the model references."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.checkpoint import (
-    BEST, load_checkpoint, load_trained_model, resolve_checkpoint, save_checkpoint, set_temperature,
+    BEST, CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, load_trained_model, resolve_checkpoint, save_checkpoint,
 )
 from pipeline.config import load_config, public_config
 from pipeline.errors import PipelineError
@@ -26,10 +27,9 @@ def _write_run(run_dir: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
     net = create_network(cfg.model, len(CLASSES), proj_head=True).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text("placeholder: written by save_config in real runs\n")
-    state = {"model": net.state_dict(), "config": public_config(cfg), "class_names": CLASSES,
-             "class_counts": [5, 30, 3], "temperature": 1.0, "mlflow_run_id": None, "proj_head": True,
-             "rng": {"torch": torch.get_rng_state()}, "epoch": 4}
-    save_checkpoint(run_dir / BEST, state)
+    ckpt = Checkpoint(model=net.state_dict(), config=public_config(cfg), class_names=CLASSES, class_counts=[5, 30, 3],
+                      proj_head=True, rng={"torch": torch.get_rng_state()}, epoch=4)
+    save_checkpoint(run_dir / BEST, ckpt)
     return net, run_dir / BEST
 
 
@@ -41,9 +41,9 @@ def _same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_save_is_atomic_and_load_is_weights_only(tmp_path):
     net, path = _write_run(tmp_path / "run")
-    state = load_checkpoint(path)
-    assert state["class_names"] == CLASSES and state["epoch"] == 4
-    assert state["config"]["prepare"]["salt"] == "<redacted>"  # the salt never reaches a checkpoint
+    ckpt = load_checkpoint(path)
+    assert ckpt.class_names == CLASSES and ckpt.epoch == 4 and ckpt.format_version == CHECKPOINT_FORMAT
+    assert ckpt.config["prepare"]["salt"] == "<redacted>"  # the salt never reaches a checkpoint
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temp files left
     # an object that needs code to unpickle is refused by weights_only loading
     torch.save({"model": {}, "config": {}, "evil": Path("x")}, tmp_path / "evil.pt")
@@ -60,7 +60,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
             raise KeyboardInterrupt  # a kill in the middle of torch.save
 
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"model": {}, "config": {}, "x": Boom()})
+        save_checkpoint(path, Checkpoint(model={"x": Boom()}, config={}, class_names=[], class_counts=[]))
     assert path.read_bytes() == before
 
 
@@ -106,15 +106,55 @@ def test_missing_reference_is_pipeline_error_naming_it(tmp_path):
         load_trained_model("0123456789abcdef0123456789abcdef", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
 
 
-def test_set_temperature_rewrites_checkpoint(tmp_path):
-    _, path = _write_run(tmp_path / "run")
-    set_temperature(path, 1.7)
+def _format1_dict(net: torch.nn.Module, temperature: float) -> dict:
+    """A checkpoint exactly as train.py wrote it before the format was typed (no format_version)."""
+    cfg = load_config(None, ["model.backbone=test_resnet", "method.name=ecl"])
+    return {"model": net.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "scaler": {},
+            "method_state": {"name": "ecl"}, "epoch": 2, "rng": {"torch": torch.get_rng_state()}, "sampler_epoch": 3,
+            "config": public_config(cfg), "class_names": CLASSES, "class_counts": [5, 30, 3], "best_val_bacc": 0.5,
+            "temperature": temperature, "mlflow_run_id": "a" * 32, "tracking_uri": "sqlite:///x.db",
+            "dataset_sha256": "d" * 64, "manifest_sha256": "m" * 64, "proj_head": True, "parent_run": None}
+
+
+def test_format1_dict_checkpoint_still_loads(tmp_path):
+    """A checkpoint of today's dict layout (torch.save of a plain dict) reads into the typed Checkpoint."""
+    net, path = _write_run(tmp_path / "run")
+    torch.save(_format1_dict(net, 1.0), path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.format_version == CHECKPOINT_FORMAT and ckpt.epoch == 2 and ckpt.best_val_bacc == 0.5
+    assert ckpt.class_names == CLASSES and ckpt.class_counts == [5, 30, 3]
+    assert ckpt.mlflow_run_id == "a" * 32 and ckpt.tracking_uri == "sqlite:///x.db" and ckpt.parent_run is None
+    assert ckpt.legacy_temperature is None  # T = 1 is no calibration
+    assert "sampler_epoch" not in ckpt.to_dict() and "temperature" not in ckpt.to_dict()
+    tm = load_trained_model(path)
+    assert tm.run_id == "a" * 32 and tm.temperature == 1.0 and _same_outputs(net, tm.network)
+    # a T stored by the retired set_temperature still calibrates, and survives a round trip
+    torch.save(_format1_dict(net, 1.7), path)
     assert load_trained_model(path).temperature == pytest.approx(1.7)
-    assert load_checkpoint(path)["epoch"] == 4  # everything else kept
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(PipelineError, match="temperature"):
-            set_temperature(path, bad)
-    assert load_trained_model(path).temperature == pytest.approx(1.7)
+    save_checkpoint(tmp_path / "again.pt", load_checkpoint(path))
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["temperature"] == pytest.approx(1.7)
+
+
+def test_defaults_are_filled_in_one_place_and_to_dict_round_trips(tmp_path):
+    net, path = _write_run(tmp_path / "run")
+    minimal = Checkpoint.from_dict({"model": {}, "config": {}})
+    assert (minimal.class_names, minimal.class_counts, minimal.epoch, minimal.best_val_bacc, minimal.proj_head,
+            minimal.optimizer, minimal.mlflow_run_id) == ([], [], 0, -1.0, True, None, None)
+    ckpt = load_checkpoint(path)
+    again = Checkpoint.from_dict(ckpt.to_dict())
+    assert {f.name for f in dataclasses.fields(Checkpoint)} - {"legacy_temperature"} == set(ckpt.to_dict())
+    assert again.model.keys() == ckpt.model.keys() and again.epoch == ckpt.epoch
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ckpt.epoch = 9  # type: ignore[misc]
+
+
+def test_newer_or_foreign_checkpoint_is_refused_naming_the_file(tmp_path):
+    torch.save({"model": {}, "config": {}, "format_version": CHECKPOINT_FORMAT + 1}, tmp_path / "future.pt")
+    with pytest.raises(PipelineError, match=rf"future\.pt has checkpoint format {CHECKPOINT_FORMAT + 1}.*Upgrade"):
+        load_checkpoint(tmp_path / "future.pt")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(PipelineError, match=r"other\.pt is not a checkpoint written by `ecl train`"):
+        load_checkpoint(tmp_path / "other.pt")
 
 
 def test_calibration_fitted_for_older_weights_is_not_applied(tmp_path, capsys):
@@ -126,9 +166,8 @@ def test_calibration_fitted_for_older_weights_is_not_applied(tmp_path, capsys):
     assert load_trained_model(path).temperature == pytest.approx(0.6)
     record = json.loads((path.parent / CALIBRATION).read_text())
     assert record["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    state = load_checkpoint(path)
-    state["epoch"] = 5  # `train --resume` wrote a new best checkpoint after evaluation
-    save_checkpoint(path, state)
+    # `train --resume` wrote a new best checkpoint after evaluation
+    save_checkpoint(path, dataclasses.replace(load_checkpoint(path), epoch=5))
     capsys.readouterr()
-    assert load_trained_model(path).temperature == pytest.approx(state.get("temperature", 1.0))
+    assert load_trained_model(path).temperature == 1.0
     assert "fitted for an earlier" in capsys.readouterr().err

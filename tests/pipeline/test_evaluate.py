@@ -112,7 +112,7 @@ def test_evaluate_stores_temperature_fitted_on_val(evaluated, one_thread):
     # beside the checkpoint, never in it: evaluation does not rewrite a trained model
     assert json.loads((evaluated["run_dir"] / "calibration.json").read_text())["temperature"] == pytest.approx(m["temperature"])
     assert file_sha256(tm.checkpoint_path) == evaluated["checkpoint_sha"]
-    assert load_checkpoint(tm.checkpoint_path)["temperature"] == 1.0
+    assert load_checkpoint(tm.checkpoint_path).legacy_temperature is None
     assert abs(m["temperature"] - 1.0) > 1e-3
     val = predict_split(tm.network, open_cache(evaluated["cache"]), "val", tm.config.data, 8)
     assert m["temperature"] == pytest.approx(calibration.fit_temperature(val.logits, val.labels), rel=1e-5)
@@ -242,9 +242,9 @@ def test_evaluate_missing_cache_names_the_folder(tmp_path, evaluated):
 
     run = tmp_path / "moved"
     shutil.copytree(evaluated["run_dir"], run, ignore=shutil.ignore_patterns("eval-*"))
-    state = load_checkpoint(run / BEST)
-    state["config"]["data"]["cache"] = str(tmp_path / "nowhere")
-    save_checkpoint(run / BEST, state)
+    ckpt = load_checkpoint(run / BEST)
+    ckpt.config["data"]["cache"] = str(tmp_path / "nowhere")
+    save_checkpoint(run / BEST, ckpt)
     with pytest.raises(DataPrepError, match="nowhere"):
         run_evaluate(str(run))
 

@@ -1,6 +1,7 @@
 """Tests for pipeline.geometry_stage: the `ecl geometry` paths and the report's geometry section."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -295,10 +296,10 @@ def test_run_geometry_of_a_run_without_projection_head(tmp_path):
     spec.loader.exec_module(evalkit)
     cache_dir = evalkit.build_cache(tmp_path / "cache")
     run_dir = evalkit.make_run(cache_dir, tmp_path / "runs", None, steps=2, mlflow_run=False)
-    state = load_checkpoint(run_dir / BEST)
-    net = create_network(RunConfig.model_validate(state["config"]).model, len(state["class_names"]), proj_head=False)
-    net.load_state_dict({k: v for k, v in state["model"].items() if k in net.state_dict()})
-    save_checkpoint(run_dir / BEST, {**state, "model": net.state_dict(), "proj_head": False})
+    ckpt = load_checkpoint(run_dir / BEST)
+    net = create_network(RunConfig.model_validate(ckpt.config).model, len(ckpt.class_names), proj_head=False)
+    net.load_state_dict({k: v for k, v in ckpt.model.items() if k in net.state_dict()})
+    save_checkpoint(run_dir / BEST, dataclasses.replace(ckpt, model=net.state_dict(), proj_head=False))
     assert torch.load(run_dir / BEST, weights_only=True)["proj_head"] is False
 
     result = run_geometry(run_ref=str(run_dir), split="test", out_dir=tmp_path / "geo")

@@ -56,11 +56,11 @@ def _reference_logits(run_dir: Path, files: list[Path]) -> np.ndarray:
 def test_predict_uses_stored_temperature(model_and_images, tmp_path):
     from scipy.special import softmax
 
-    from pipeline.checkpoint import BEST, set_temperature
+    from pipeline.checkpoint import BEST, write_calibration
     from pipeline.predict import run_predict
 
     run_dir, images = model_and_images
-    set_temperature(run_dir / BEST, 2.5)
+    write_calibration(run_dir, 2.5, fitted_on="val", checkpoint=run_dir / BEST)
     out = run_predict(str(run_dir), images, out_csv=tmp_path / "pred.csv")
     df = pd.read_csv(out, dtype={"image": str})
     assert list(df.columns) == ["image", *evalkit.CLASSES]

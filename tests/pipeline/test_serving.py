@@ -6,6 +6,7 @@ compares what it answers with `run_predict` (what `ecl predict` runs) on the sam
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 import json
 import os
@@ -41,7 +42,7 @@ def _tiny_run(work: Path, uri: str | None) -> dict:
     cache = evalkit.build_cache(work / "cache", seed=4)
     run_dir = evalkit.make_run(cache, work / "runs", uri, steps=4, mlflow_run=uri is not None)
     state = load_checkpoint(run_dir / BEST)
-    save_checkpoint(run_dir / BEST, {**state, "preprocessing": DECODING})
+    save_checkpoint(run_dir / BEST, dataclasses.replace(state, preprocessing=DECODING))
     write_calibration(run_dir, TEMPERATURE, fitted_on="a test", checkpoint=run_dir / BEST)
     images = work / "images"
     images.mkdir()
@@ -52,7 +53,7 @@ def _tiny_run(work: Path, uri: str | None) -> dict:
         path = images / (f"ISIC_{n:07d}.jpg" if n % 2 else f"ISIC_{n:07d}.png")
         pixels.save(path, **({"quality": 92} if n % 2 else {}))
         files.append(path)
-    return {"run_dir": run_dir, "uri": uri, "images": images, "files": files, "run_id": state["mlflow_run_id"]}
+    return {"run_dir": run_dir, "uri": uri, "images": images, "files": files, "run_id": state.mlflow_run_id}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 from data_prep import CacheWriter
 from pipeline import tracking
-from pipeline.checkpoint import BEST, LAST, load_checkpoint
+from pipeline.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.train import (
@@ -118,14 +118,15 @@ def test_run_folder_holds_config_metrics_and_checkpoints(full_run):
     assert metrics["train/lr"][0] == pytest.approx(0.05)
     last = load_checkpoint(run_dir / LAST)
     best = load_checkpoint(run_dir / BEST)
-    assert last["epoch"] == EPOCHS - 1
-    assert best["best_val_bacc"] == pytest.approx(max(metrics["val/balanced_accuracy"]))
-    assert best["epoch"] == int(np.argmax(metrics["val/balanced_accuracy"].to_numpy()))  # first best kept
-    assert last["class_names"] == ["C0", "C1", "C2"] and last["class_counts"] == [6, 4, 4]
-    assert last["temperature"] == 1.0 and last["mlflow_run_id"] == full_run.run_id
-    for key in ["optimizer", "scheduler", "scaler", "method_state", "rng", "sampler_epoch", "config",
+    assert last.epoch == EPOCHS - 1
+    assert best.best_val_bacc == pytest.approx(max(metrics["val/balanced_accuracy"]))
+    assert best.epoch == int(np.argmax(metrics["val/balanced_accuracy"].to_numpy()))  # first best kept
+    assert last.class_names == ["C0", "C1", "C2"] and last.class_counts == [6, 4, 4]
+    assert last.legacy_temperature is None and last.mlflow_run_id == full_run.run_id
+    for key in ["optimizer", "scheduler", "scaler", "method_state", "rng", "config",
                 "dataset_sha256", "manifest_sha256", "tracking_uri"]:
-        assert key in last, key
+        assert getattr(last, key) is not None, key
+    assert last.format_version == CHECKPOINT_FORMAT
 
 
 def test_mlflow_run_has_params_metrics_tags_artifacts_and_model(full_run, cache):
@@ -175,7 +176,7 @@ def test_resume_after_interrupt_ends_with_identical_weights(full_run, work, cach
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg)
     run_dir = work / "runs" / "killed"
-    assert load_checkpoint(run_dir / LAST)["epoch"] == 0
+    assert load_checkpoint(run_dir / LAST).epoch == 0
     assert len(pd.read_csv(run_dir / "metrics.csv")) == 1
     monkeypatch.undo()
     monkeypatch.setattr(train_mod, "_log_final_model", lambda *a, **k: None)
@@ -183,18 +184,18 @@ def test_resume_after_interrupt_ends_with_identical_weights(full_run, work, cach
     resumed = run_train(load_config(), resume=str(run_dir))  # no config given: the run's own is used
     a = load_checkpoint(full_run.run_dir / LAST)
     b = load_checkpoint(resumed.run_dir / LAST)
-    assert b["epoch"] == EPOCHS - 1
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, sa in a["optimizer"]["state"].items():
-        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
-    assert a["method_state"] == b["method_state"]
+    assert b.epoch == EPOCHS - 1
+    assert a.model.keys() == b.model.keys()
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    for k, sa in a.optimizer["state"].items():
+        assert torch.equal(sa["momentum_buffer"], b.optimizer["state"][k]["momentum_buffer"])
+    assert a.method_state == b.method_state
     ma, mb = pd.read_csv(full_run.run_dir / "metrics.csv"), pd.read_csv(resumed.run_dir / "metrics.csv")
     cols = [c for c in ma.columns if not c.endswith(("throughput", "seconds"))]
     pd.testing.assert_frame_equal(ma[cols], mb[cols])
     # the same MLflow run was re-opened and finished
-    assert resumed.run_id == b["mlflow_run_id"] == load_checkpoint(run_dir / LAST)["mlflow_run_id"]
+    assert resumed.run_id == b.mlflow_run_id == load_checkpoint(run_dir / LAST).mlflow_run_id
     assert tracking.get_run(resumed.tracking_uri, resumed.run_id).info.status == "FINISHED"
 
 
@@ -259,8 +260,8 @@ def test_nonfinite_loss_stops_naming_epoch_step_and_term(work, cache, monkeypatc
     msg = str(err.value)
     assert "epoch 2" in msg and "step 1" in msg and "non-finite: total, bc" in msg
     last = load_checkpoint(work / "runs" / "nan" / LAST)  # the last good checkpoint survives
-    assert last["epoch"] == 0
-    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert last.epoch == 0
+    assert all(torch.isfinite(v).all() for v in last.model.values() if v.is_floating_point())
 
 
 def test_nonfinite_loss_is_checked_every_n_steps_and_names_the_first_bad_step(work, cache, monkeypatch):
@@ -301,7 +302,7 @@ def test_fixed_seed_and_thread_count_give_identical_weights(work, cache, monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    a, b = (load_checkpoint(r.run_dir / LAST)["model"] for r in runs)
+    a, b = (load_checkpoint(r.run_dir / LAST).model for r in runs)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     tags = tracking.get_run(runs[0].tracking_uri, runs[0].run_id).data.tags
@@ -329,7 +330,7 @@ def test_init_from_loads_backbone_and_resets_classifier_for_new_classes(full_run
     cfg = tiny_cfg(tmp_path, tmp_path, "child")
     net = create_network(cfg.model, 4, proj_head=True)
     parent, notices = _init_from(net, str(full_run.run_dir), ["A", "B", "C", "D"], cfg, full_run.tracking_uri)
-    best = load_checkpoint(full_run.run_dir / BEST)["model"]
+    best = load_checkpoint(full_run.run_dir / BEST).model
     own = net.state_dict()
     assert parent == full_run.run_id
     assert own["weight"].shape[0] == 4
@@ -388,8 +389,8 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(work, cache, monkeypatch):
     metrics = pd.read_csv(run.run_dir / "metrics.csv")
     assert np.isfinite(metrics[["train/loss", "train/loss/lc", "train/loss/bc", "train/loss/cc"]].to_numpy()).all()
     state = load_checkpoint(run.run_dir / LAST)
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert state["config"]["train"]["amp"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
+    assert state.config["train"]["amp"] == "bf16"
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -404,12 +405,12 @@ def test_cosine_with_warmup_factors():
 def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path):
     import random
 
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint import Checkpoint, save_checkpoint
 
     state = rng_state()
-    save_checkpoint(tmp_path / "c.pt", {"model": {}, "config": {}, "rng": state})
+    save_checkpoint(tmp_path / "c.pt", Checkpoint(model={}, config={}, class_names=[], class_counts=[], rng=state))
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    set_rng_state(load_checkpoint(tmp_path / "c.pt").rng)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
@@ -428,9 +429,9 @@ def test_torchrun_two_processes_on_cpu(work, cache, tmp_path, method):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load_checkpoint(out / "ddp" / LAST)
-    assert ckpt["epoch"] == 0 and (out / "ddp" / BEST).is_file()
-    assert tracking.get_run(ckpt["tracking_uri"], ckpt["mlflow_run_id"]).data.tags["world_size"] == "2"
-    assert any(k.startswith("prototype_head.") for k in ckpt["model"]) == (method == "ecl")
+    assert ckpt.epoch == 0 and (out / "ddp" / BEST).is_file()
+    assert tracking.get_run(ckpt.tracking_uri, ckpt.mlflow_run_id).data.tags["world_size"] == "2"
+    assert any(k.startswith("prototype_head.") for k in ckpt.model) == (method == "ecl")
 
 
 def test_heads_follow_the_methods_active_terms():
@@ -500,7 +501,7 @@ def test_cuda_training_with_bf16_channels_last_and_compile(work, cache, monkeypa
     metrics = pd.read_csv(run.run_dir / "metrics.csv")
     assert np.isfinite(metrics[["train/loss", "train/loss/lc", "train/loss/bc", "train/loss/cc"]].to_numpy()).all()
     state = load_checkpoint(run.run_dir / LAST)
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
 
 
 @pytest.mark.gpu
