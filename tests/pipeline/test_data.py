@@ -142,7 +142,7 @@ def test_batch_larger_than_train_split_raises(tiny_cache):
 
 
 def test_unknown_eval_split_raises(tiny_cache):
-    with pytest.raises(ConfigError, match="eval.split: 'valid' is not allowed"):
+    with pytest.raises(ConfigError, match="split 'valid' is not allowed; choose one of train, val, test, all"):
         create_eval_loader(tiny_cache, "valid", _data_cfg(), NORM, batch_size=4)
 
 
