@@ -46,9 +46,20 @@ from . import losses
 from .config import METHOD_DEFAULTS, MethodConfig
 from .distributed import all_gather, all_gather_with_grad, all_reduce_mean
 from .errors import ConfigError, PipelineError
-from .registry import register_method
 
-__all__ = ["LossOutput", "Method", "NORMALISATIONS", "TERM_NAMES"]
+__all__ = ["LossOutput", "Method", "NORMALISATIONS", "TERM_NAMES", "BUILTIN_METHODS"]
+
+#: the built-in factories by method name; `pipeline.registry` starts from this table (it imports this
+#: module, never the other way round, so the two do not import each other)
+BUILTIN_METHODS: dict[str, Callable[..., Any]] = {}
+
+
+def _builtin(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
+        BUILTIN_METHODS[name] = factory
+        return factory
+
+    return decorator
 
 # How the base weights become the weights used from epoch 1 on (see the module docstring).
 NORMALISATIONS = ("first_epoch", "first_epoch_lc", "none")
@@ -272,7 +283,7 @@ def _build(cfg: MethodConfig, n_views: int, term_fn: TermFn, names: dict[str, st
 # one-view methods
 
 
-@register_method("ce")
+@_builtin("ce")
 def _create_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     def terms(out: dict, labels: Tensor) -> dict[str, Tensor]:
         b = _batch_size(out, labels, 1)
@@ -281,7 +292,7 @@ def _create_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     return _build(cfg, 1, terms, {"ce": "alpha"})
 
 
-@register_method("weighted_ce")
+@_builtin("weighted_ce")
 def _create_weighted_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     counts = _checked_counts(class_counts, cfg.name)
 
@@ -292,7 +303,7 @@ def _create_weighted_ce(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -
     return _build(cfg, 1, terms, {"ce": "alpha"})
 
 
-@register_method("focal")
+@_builtin("focal")
 def _create_focal(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     gamma = float(cfg.focal_gamma)
 
@@ -303,7 +314,7 @@ def _create_focal(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Meth
     return _build(cfg, 1, terms, {"ce": "alpha"})
 
 
-@register_method("la")
+@_builtin("la")
 def _create_la(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     counts = _checked_counts(class_counts, cfg.name)
     tau = float(cfg.la_tau)
@@ -319,7 +330,7 @@ def _create_la(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
 # three-view methods
 
 
-@register_method("supcon")
+@_builtin("supcon")
 def _create_supcon(cfg: MethodConfig, class_counts: np.ndarray, **_: Any) -> Method:
     counts = _checked_counts(class_counts, cfg.name)
     tau_la, temperature = float(cfg.la_tau), float(cfg.temperature)
@@ -367,5 +378,5 @@ def _create_balanced(cfg: MethodConfig, class_counts: np.ndarray, feature_dim: i
     return _build(cfg, 3, terms, names)
 
 
-register_method("bcl")(_create_balanced)
-register_method("ecl")(_create_balanced)
+_builtin("bcl")(_create_balanced)
+_builtin("ecl")(_create_balanced)

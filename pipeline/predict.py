@@ -25,9 +25,7 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any, Iterator, Sequence
 
 from data_prep import atomic_write_text
 
@@ -131,11 +129,12 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     from .calibration import apply_temperature
     from .checkpoint import load_trained_model
     from .data import eval_transform
+    from .inference import default_device, predict_tensors
     from .metrics import write_isic_csv
     from .models import model_data_config
 
     files = find_images(images)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     tm = load_trained_model(model_ref, device=device, tracking_uri=tracking_uri)
     cfg = tm.config
     from .threads import apply_threads, plan_threads
@@ -147,45 +146,35 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     ids = _image_ids(files, Path(images))
 
     kept_ids: list[str] = []
-    logits: list[np.ndarray] = []
     errors: list[tuple[str, str]] = []
-    batch: list[Any] = []
-    batch_ids: list[str] = []
 
-    def flush() -> None:
-        if not batch:
-            return
-        with torch.inference_mode():
-            out = tm.network(torch.stack(batch).to(device))
-        logits.append(out.float().cpu().numpy().astype(np.float64))
-        kept_ids.extend(batch_ids)
-        batch.clear()
-        batch_ids.clear()
+    def decoded() -> Iterator[Any]:
+        """Each readable input's tensor, in order; unreadable ones are listed in `errors`, not yielded."""
+        for n, (path, image_id) in enumerate(tqdm(list(zip(files, ids)), desc="predict", unit="image", leave=False),
+                                             start=1):
+            # DICOM files and the inputs of a CT model are named by position: their names may carry identifiers
+            by_position = kind == "ct" or path.suffix.lower() in _DICOM_SUFFIXES
+            shown = f"input {n} of {len(files)} under --images" if by_position else str(path)
+            if path.suffix.lower() in _DICOM_SUFFIXES:
+                errors.append((shown, "DICOM input is not supported by `ecl predict`: a CT series needs lesion "
+                                      "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
+                continue
+            try:
+                pixels = load_image_file(path, short_side=short_side, color_constancy=color_constancy)
+                x = transform(pixels)
+            except DataPrepError as exc:  # one bad file must not stop the batch; it is reported
+                reason = str(getattr(exc, "reason", exc))
+                errors.append((shown, reason.replace(str(path), shown) if by_position else reason))
+                continue
+            except Exception as exc:  # noqa: BLE001 - the same for a fault of the transform
+                text = f"{type(exc).__name__}: {exc}"
+                errors.append((shown, text.replace(str(path), shown) if by_position else text))
+                continue
+            kept_ids.append(image_id)
+            yield torch.as_tensor(x)
 
-    for n, (path, image_id) in enumerate(tqdm(list(zip(files, ids)), desc="predict", unit="image", leave=False), start=1):
-        # DICOM files and the inputs of a CT model are named by position: their names may carry identifiers
-        by_position = kind == "ct" or path.suffix.lower() in _DICOM_SUFFIXES
-        shown = f"input {n} of {len(files)} under --images" if by_position else str(path)
-        if path.suffix.lower() in _DICOM_SUFFIXES:
-            errors.append((shown, "DICOM input is not supported by `ecl predict`: a CT series needs lesion "
-                                  "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
-            continue
-        try:
-            pixels = load_image_file(path, short_side=short_side, color_constancy=color_constancy)
-            x = transform(pixels)
-        except DataPrepError as exc:  # one bad file must not stop the batch; it is reported
-            reason = str(getattr(exc, "reason", exc))
-            errors.append((shown, reason.replace(str(path), shown) if by_position else reason))
-            continue
-        except Exception as exc:  # noqa: BLE001 - the same for a fault of the transform
-            text = f"{type(exc).__name__}: {exc}"
-            errors.append((shown, text.replace(str(path), shown) if by_position else text))
-            continue
-        batch.append(torch.as_tensor(x))
-        batch_ids.append(image_id)
-        if len(batch) >= cfg.eval.batch_size:
-            flush()
-    flush()
+    # images are decoded as the batches fill (never all held at once) and go through the one prediction loop
+    pred = predict_tensors(tm.network, decoded(), device, cfg.eval.batch_size, len(tm.class_names))
 
     out = Path(out_csv)
     err_file = errors_path(out)
@@ -203,7 +192,7 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
         err_file.unlink()  # a stale list from an earlier run would be misleading
     if not kept_ids:
         raise PipelineError(f"none of the {len(files)} files under {images} could be read; see {err_file}")
-    probs = apply_temperature(np.concatenate(logits), tm.temperature)
+    probs = apply_temperature(pred.logits, tm.temperature)
     write_isic_csv(out, kept_ids, probs, tm.class_names)
     return out
 

@@ -1,7 +1,8 @@
 """Name -> factory table for training methods (timm-style registry).
 
 Why: a config names a method by string (`method.name: ecl`); adding a method means writing one
-factory in `pipeline/methods.py` under `@register_method("name")`, never editing an if/else chain.
+factory in `pipeline/methods.py` (its `BUILTIN_METHODS` table), never editing an if/else chain; code
+outside the package adds one with `@register_method("name")`.
 
 Example:
     >>> from pipeline.registry import create_method, list_methods
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import numpy as np
 
 from .errors import ConfigError
+from .methods import BUILTIN_METHODS
 
 if TYPE_CHECKING:  # the config module is only needed for type checkers here
     from .config import MethodConfig
@@ -26,12 +28,7 @@ __all__ = ["register_method", "create_method", "list_methods", "is_method"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_METHODS: dict[str, Callable[..., Any]] = {}
-
-
-def _ensure_builtin() -> None:
-    # importing the module runs its @register_method decorators; deferred to avoid an import cycle
-    from . import methods  # noqa: F401
+_METHODS: dict[str, Callable[..., Any]] = dict(BUILTIN_METHODS)
 
 
 def register_method(name: str) -> Callable[[F], F]:
@@ -52,14 +49,12 @@ def register_method(name: str) -> Callable[[F], F]:
 
 def list_methods(pattern: str | None = None) -> list[str]:
     """Registered method names, sorted, optionally filtered by a shell pattern (`"*ce"`)."""
-    _ensure_builtin()
     names = sorted(_METHODS)
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
 def is_method(name: str) -> bool:
     """True when `name` is registered."""
-    _ensure_builtin()
     return name in _METHODS
 
 
@@ -75,7 +70,6 @@ def create_method(method_cfg: "MethodConfig", class_counts: np.ndarray, **kwargs
     Raises:
         ConfigError: unknown name, with the closest registered name and the full list.
     """
-    _ensure_builtin()
     name = method_cfg.name
     factory = _METHODS.get(name)
     if factory is None:

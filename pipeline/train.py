@@ -256,33 +256,25 @@ def _stack_views(x: Tensor, n_views: int) -> Tensor:
     return x.transpose(0, 1).reshape(v * b, *x.shape[2:])
 
 
-@torch.no_grad()
 def _validate(network: torch.nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None,
               channels_last: bool, n_classes: int) -> float | None:
-    """Validation balanced accuracy of the raw (unadjusted) logits; None when val has no labels."""
+    """Validation balanced accuracy of the raw (unadjusted) logits; None when val has no labels.
+
+    The pass is `pipeline.inference.predict_loader` (the loop evaluation uses), under training's
+    autocast and memory format.
+    """
+    from .inference import predict_loader
     from .metrics import balanced_accuracy
 
     if loader is None:
         return None
-    was_training = network.training
-    network.eval()
-    probs, labels = [], []
-    for x, y, _ in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = network(x)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels.append(np.asarray(y))
-    network.train(was_training)
-    if not labels:
-        return None
-    p, y = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
-    keep = y >= 0
+    pred = predict_loader(network, loader, device, n_classes, amp=amp, channels_last=channels_last)
+    keep = pred.labelled
     if not keep.any():
         return None
-    return float(balanced_accuracy(p[keep], y[keep]))
+    # float32 softmax, as training has always scored it: a tie in the probabilities counts as wrong
+    probs = torch.softmax(torch.from_numpy(pred.logits[keep]).float(), dim=1).numpy()
+    return float(balanced_accuracy(probs, pred.labels[keep]))
 
 
 # ---------------------------------------------------------------------------------- the engine

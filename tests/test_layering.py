@@ -80,3 +80,58 @@ def test_no_public_function_shares_its_module_name():
             if (ROOT / pkg / f"{name}.py").exists():
                 clashes.append(f"{pkg}.{name}")
     assert clashes == []
+
+
+#: the stages: each is one `ecl` command; `cli` and `demo` are the orchestrators that chain them
+STAGES = {"train", "evaluate", "predict", "compare", "geometry_stage"}
+
+
+def _pipeline_graph() -> dict[str, set[str]]:
+    """module -> the pipeline modules it imports, anywhere in the file (deferred imports in functions too)."""
+    modules = {p.stem for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in modules:
+        deps = set()
+        for imported in _imports(ROOT / "pipeline" / f"{name}.py"):
+            parts = imported.split(".")
+            if parts[0] == "pipeline" and len(parts) > 1 and parts[1] in modules and parts[1] != name:
+                deps.add(parts[1])
+        graph[name] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    import graphlib
+
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as err:
+        return list(err.args[1])
+    return None
+
+
+def test_cycle_finder_finds_a_deferred_cycle():
+    """The check below can fail: a two-module and a three-module cycle are found, a chain is not."""
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+    assert sorted(set(_cycle({"a": {"b"}, "b": {"a"}}))) == ["a", "b"]
+    assert sorted(set(_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}))) == ["a", "b", "c"]
+
+
+def test_imports_inside_functions_are_seen(tmp_path):
+    path = ROOT / "pipeline" / "geometry_stage.py"  # imports pipeline.inference only inside a function
+    assert "pipeline.inference" in _imports(path)
+    assert "inference" in _pipeline_graph()["geometry_stage"]
+
+
+def test_pipeline_modules_import_no_cycle():
+    assert _cycle(_pipeline_graph()) is None
+
+
+def test_no_stage_imports_another_stage():
+    """A stage never runs (or borrows from) another stage; shared work lives in a non-stage module
+    (`inference`, `eval_sections`, `geometry_report`, ...). `cli` and `demo` chain the stages."""
+    graph = _pipeline_graph()
+    assert STAGES <= set(graph)
+    offenders = {stage: sorted(graph[stage] & STAGES) for stage in sorted(STAGES) if graph[stage] & STAGES}
+    assert offenders == {}

@@ -198,7 +198,7 @@ def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_pa
 
     import data_prep
     import pipeline.checkpoint as checkpoint_mod
-    import pipeline.evaluate as evaluate_mod
+    import pipeline.inference as inference_mod
 
     h, z, y, weight, protos = _synthetic([30, 20, 10, 10], d=6, spread=0.2, seed=2)
     y_run = y.copy()
@@ -217,12 +217,12 @@ def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_pa
     def predict_split(network, cache, split, data_cfg, batch_size, device="cpu", features=False):
         seen["split"], seen["cache"] = split, cache
         assert network == "net" and features
-        return evaluate_mod.SplitPredictions(
-            logits=h[:, :4], labels=y_run, index=np.arange(len(y_run)), h=h, z=h[:, :3] / np.linalg.norm(
+        return inference_mod.Predictions(
+            logits=h[:, :4], labels=y_run, rows=np.arange(len(y_run)), h=h, z=h[:, :3] / np.linalg.norm(
                 h[:, :3], axis=1, keepdims=True), weight=weight, prototypes=protos[:, :3])
 
     monkeypatch.setattr(checkpoint_mod, "load_trained_model", load_trained_model)
-    monkeypatch.setattr(evaluate_mod, "predict_split", predict_split)
+    monkeypatch.setattr(inference_mod, "predict_split", predict_split)
     monkeypatch.setattr(data_prep, "open_cache", lambda path: f"opened:{path}", raising=False)
 
     out = run_geometry(run_ref="runs/x", split="val", out_dir=tmp_path)
