@@ -42,11 +42,6 @@ class Predictions:
     prototypes: np.ndarray | None = None  # [C, d_z] class prototypes; None without a prototype head
 
     @property
-    def index(self) -> np.ndarray:
-        """The cache rows under their older name (`SplitPredictions.index`)."""
-        return self.rows
-
-    @property
     def labelled(self) -> np.ndarray:
         """[N] bool: which images carry a label."""
         return self.labels >= 0

@@ -89,7 +89,6 @@ def test_predict_loader_features_labels_rows_and_mode(net):
     np.testing.assert_allclose(pred.weight, ref["weight"].detach().numpy())
     np.testing.assert_allclose(pred.prototypes, ref["prototypes"].detach().numpy())
     assert pred.labels.tolist() == [0, 1, -1, 3, 2] and pred.rows.tolist() == [10, 11, 12, 13, 14]
-    assert pred.index is pred.rows
     assert pred.labelled.tolist() == [True, True, False, True, True]
 
 
