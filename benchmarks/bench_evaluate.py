@@ -4,7 +4,7 @@ A cache with `--n-test` test images (default 10,000, 8 ISIC-like imbalanced clas
 metadata) at a small size (the model pass is not what is measured here), a short real training run
 (test_resnet), then in one process:
 
-(a) predict: the network over the test split (`pipeline.evaluate.predict_split`, what `ecl predict`
+(a) predict: the network over the test split (`pipeline.inference.predict_split`, what `ecl predict`
     does per image minus the JPEG decoding);
 (b) evaluate: `run_evaluate` on the same split (prediction with features, temperature fit on val,
     metrics, bootstrap CIs, subgroups, geometry, figures, HTML report, MLflow logging);
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     from data_prep import open_cache
     from pipeline.checkpoint import load_trained_model
     from pipeline.config import load_config
-    from pipeline.evaluate import predict_split, run_evaluate
+    from pipeline.evaluate import run_evaluate
+    from pipeline.inference import predict_split
     from pipeline.train import run_train
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_eval_"))

@@ -82,7 +82,8 @@ def _evaluate_in(work: Path, reduced: bool) -> dict[str, Any]:
     import data_prep
     from data_prep import open_cache
     from pipeline.config import load_config
-    from pipeline.evaluate import predict_split, run_evaluate
+    from pipeline.evaluate import run_evaluate
+    from pipeline.inference import predict_split
     from pipeline.train import run_train
 
     n = 48 if reduced else 1200

@@ -7,7 +7,10 @@ compared with eyeballing two overlapping single-run intervals.
 
 Inputs are each run's evaluation predictions (`predictions.csv` + `ground_truth.csv` in the ISIC
 format, written by `ecl evaluate`): from `<run folder>/eval-<split>/`, an eval folder given
-directly, or the run's MLflow artifacts `eval-<split>/`; a run that has none is evaluated first.
+directly, or the run's MLflow artifacts `eval-<split>/`. A run that has none is not evaluated here
+(one stage does not run another, and an evaluation fits and writes the run's temperature): the
+error says which `ecl evaluate` to run first; `ecl demo` and benchmarks/longtail evaluate before
+comparing.
 Samples are matched by image id; every run must score the same labelled images of the same
 classes. A folder holding many run folders (the `train.output_dir` of a seed sweep) stands for
 all of them.
@@ -129,7 +132,7 @@ def _has_eval(folder: Path) -> bool:
 
 
 def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str | None = None) -> RunPredictions:
-    """Find (or make, by evaluating) one run's predictions on `split`.
+    """Find one run's evaluated predictions on `split`.
 
     Args:
         ref: an eval folder, a run folder, or an MLflow reference (run id, runs:/ID, models:/NAME/VERSION).
@@ -137,10 +140,9 @@ def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str
         tracking_uri: MLflow store for run ids (`pipeline.store.resolve_store`'s rule).
 
     Raises:
-        PipelineError: `ref` is none of those, or its predictions cannot be read.
+        PipelineError: `ref` is none of those, it has not been evaluated on `split`, or its
+            predictions cannot be read.
     """
-    from .evaluate import run_evaluate
-
     path = Path(str(ref)).expanduser()
     if path.is_dir():
         if _has_eval(path):
@@ -150,7 +152,7 @@ def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str
             if not (path / _BEST).is_file():
                 raise PipelineError(f"{path} is neither an evaluation folder (predictions.csv + ground_truth.csv) nor "
                                     f"a run folder with checkpoint-best.pt or eval-{split}/")
-            folder = run_evaluate(path, split=split, tracking_uri=tracking_uri, echo=False).out_dir
+            raise _not_evaluated(str(path), split)
         return _read_eval_folder(folder, path.name, str(path), config=_read_config(path))
     found = resolve_run_ref(str(ref), tracking_uri)
     if found is None:
@@ -176,10 +178,14 @@ def load_run_predictions(ref: str | Path, split: str = "test", tracking_uri: str
         got = tracking.download_artifacts(uri, run_id, f"eval-{split}", dst)
         if _has_eval(got):
             return _read_eval_folder(got, name, f"MLflow run {run_id} (artifacts)", method, config=config, tags=tags)
-    except Exception:  # noqa: BLE001 - no artifacts yet: evaluate below
+    except Exception:  # noqa: BLE001 - no artifacts: not evaluated, said below
         pass
-    folder = run_evaluate(run_id, split=split, tracking_uri=uri, echo=False).out_dir
-    return _read_eval_folder(folder, name, f"MLflow run {run_id}", method, config=config, tags=tags)
+    raise _not_evaluated(run_id, split)
+
+
+def _not_evaluated(ref: str, split: str) -> PipelineError:
+    command = f"ecl evaluate --run {ref} --split {split}"
+    return PipelineError(f"run {ref} has no predictions on the {split} split; run `{command}` first, then compare")
 
 
 def expand_run_folders(refs: Sequence[str | Path], split: str = "test") -> list[str]:

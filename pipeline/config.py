@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from data_prep import PREPARE_CHOICES, PREPARE_RULES, PrepareOptions, atomic_write_text, check_options
 
+from . import methods as _builtin_methods  # noqa: F401  registers the built-in methods with the registry
 from .errors import ConfigError
 from .registry import list_methods, method_spec
 
@@ -284,7 +285,12 @@ def resolve_method_defaults(cfg: RunConfig) -> RunConfig:
             data["method"][key] = value
     if data["model"]["prototype_head"] is None:
         data["model"]["prototype_head"] = spec.prototype_head
-    return RunConfig.model_validate(data)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:  # the user's values were valid before: a registered default is not
+        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}={e['input']!r}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"method {spec.name!r} registers an invalid default ({bad}); fix its register_method "
+                          f"call in {spec.factory.__module__}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:

@@ -40,17 +40,19 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import losses
-from .config import MethodConfig
 from .distributed import all_gather, all_gather_with_grad, all_reduce_mean
 from .errors import ConfigError, PipelineError
 from .registry import Term, method_spec, register_method
+
+if TYPE_CHECKING:  # config imports this module (to register the built-ins); annotations only here
+    from .config import MethodConfig
 
 __all__ = ["LossOutput", "Method", "NORMALISATIONS", "TERM_CE", "TERM_LC", "TERM_SUPCON", "TERM_BC", "TERM_CC"]
 

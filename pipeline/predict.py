@@ -27,16 +27,14 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any, Iterable, Iterator, Sequence
 
 from data_prep import atomic_write_text
 
 from .errors import PipelineError
 
 __all__ = ["run_predict", "find_images", "errors_path", "preprocessing_of", "ImagePreprocessing", "ImageClassifier",
-           "IMAGE_SUFFIXES", "main"]
+           "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -163,13 +161,11 @@ class ImageClassifier:
         pixels = load_image_file(image, short_side=pre.short_side, color_constancy=pre.color_constancy, name=name)
         return torch.as_tensor(self.transform(pixels))
 
-    def logits(self, tensors: Sequence[Any]) -> np.ndarray:
-        """float64 logits [N, C] of one batch of `tensor` outputs."""
-        import torch
+    def logits(self, tensors: Iterable[Any], batch_size: int = 64) -> np.ndarray:
+        """float64 logits [N, C] of `tensor` outputs (a list or a generator), through the one prediction loop."""
+        from .inference import predict_tensors
 
-        with torch.inference_mode():
-            out = self.network(torch.stack(list(tensors)).to(self.device))
-        return out.float().cpu().numpy().astype(np.float64)
+        return predict_tensors(self.network, tensors, self.device, batch_size, len(self.class_names)).logits
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities: ``softmax(logits / T)`` with the fitted temperature."""
@@ -194,16 +190,16 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     Raises:
         PipelineError: no input images, or none of them could be read.
     """
-    import torch
     from tqdm.auto import tqdm
 
     from data_prep import DataPrepError
 
     from .checkpoint import load_trained_model
+    from .inference import default_device
     from .metrics import write_isic_csv
 
     files = find_images(images)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     tm = load_trained_model(model_ref, device=device, tracking_uri=tracking_uri)
     cfg = tm.config
     from .threads import apply_threads, plan_threads
@@ -215,42 +211,34 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
     ids = _image_ids(files, Path(images))
 
     kept_ids: list[str] = []
-    logits: list[np.ndarray] = []
     errors: list[tuple[str, str]] = []
-    batch: list[Any] = []
-    batch_ids: list[str] = []
 
-    def flush() -> None:
-        if not batch:
-            return
-        logits.append(classifier.logits(batch))
-        kept_ids.extend(batch_ids)
-        batch.clear()
-        batch_ids.clear()
+    def decoded() -> Iterator[Any]:
+        """Each readable input's tensor, in order; unreadable ones are listed in `errors`, not yielded."""
+        for n, (path, image_id) in enumerate(tqdm(list(zip(files, ids)), desc="predict", unit="image", leave=False),
+                                             start=1):
+            # DICOM files and the inputs of a CT model are named by position: their names may carry identifiers
+            by_position = kind == "ct" or path.suffix.lower() in _DICOM_SUFFIXES
+            shown = f"input {n} of {len(files)} under --images" if by_position else str(path)
+            if path.suffix.lower() in _DICOM_SUFFIXES:
+                errors.append((shown, "DICOM input is not supported by `ecl predict`: a CT series needs lesion "
+                                      "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
+                continue
+            try:
+                x = classifier.tensor(path)
+            except DataPrepError as exc:  # one bad file must not stop the batch; it is reported
+                reason = str(getattr(exc, "reason", exc))
+                errors.append((shown, reason.replace(str(path), shown) if by_position else reason))
+                continue
+            except Exception as exc:  # noqa: BLE001 - the same for a fault of the transform
+                text = f"{type(exc).__name__}: {exc}"
+                errors.append((shown, text.replace(str(path), shown) if by_position else text))
+                continue
+            kept_ids.append(image_id)
+            yield x
 
-    for n, (path, image_id) in enumerate(tqdm(list(zip(files, ids)), desc="predict", unit="image", leave=False), start=1):
-        # DICOM files and the inputs of a CT model are named by position: their names may carry identifiers
-        by_position = kind == "ct" or path.suffix.lower() in _DICOM_SUFFIXES
-        shown = f"input {n} of {len(files)} under --images" if by_position else str(path)
-        if path.suffix.lower() in _DICOM_SUFFIXES:
-            errors.append((shown, "DICOM input is not supported by `ecl predict`: a CT series needs lesion "
-                                  "coordinates; prepare it with `ecl prepare ct` and use `ecl evaluate`"))
-            continue
-        try:
-            x = classifier.tensor(path)
-        except DataPrepError as exc:  # one bad file must not stop the batch; it is reported
-            reason = str(getattr(exc, "reason", exc))
-            errors.append((shown, reason.replace(str(path), shown) if by_position else reason))
-            continue
-        except Exception as exc:  # noqa: BLE001 - the same for a fault of the transform
-            text = f"{type(exc).__name__}: {exc}"
-            errors.append((shown, text.replace(str(path), shown) if by_position else text))
-            continue
-        batch.append(x)
-        batch_ids.append(image_id)
-        if len(batch) >= cfg.eval.batch_size:
-            flush()
-    flush()
+    # images are decoded as the batches fill (never all held at once) and go through the one prediction loop
+    logits = classifier.logits(decoded(), cfg.eval.batch_size)
 
     out = Path(out_csv)
     err_file = errors_path(out)
@@ -268,17 +256,12 @@ def run_predict(model_ref: str | Path, images: str | Path, out_csv: str | Path =
         err_file.unlink()  # a stale list from an earlier run would be misleading
     if not kept_ids:
         raise PipelineError(f"none of the {len(files)} files under {images} could be read; see {err_file}")
-    probs = classifier.probabilities(np.concatenate(logits))
+    probs = classifier.probabilities(logits)
     write_isic_csv(out, kept_ids, probs, tm.class_names)
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipeline.predict ARGS` is `ecl predict ARGS` (one parser: pipeline.cli)."""
-    from .cli import main as ecl_main
+if __name__ == "__main__":  # `python -m pipeline.predict ARGS` is `ecl predict ARGS` (one parser: pipeline.cli)
+    from pipeline.cli import main as _ecl_main
 
-    return ecl_main(["predict", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(_ecl_main(["predict", *sys.argv[1:]]))

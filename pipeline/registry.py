@@ -25,11 +25,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
-from pydantic import ValidationError
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:  # the config module is only needed for type checkers here
+if TYPE_CHECKING:  # for type checkers only: config imports this module, never the reverse at run time
     from .config import MethodConfig
 
 __all__ = [
@@ -98,35 +97,23 @@ class MethodSpec:
         return {t.name: t.weight for t in self.terms}
 
 
+# Filled by `register_method`. The built-in methods register when `pipeline.methods` is imported,
+# which `pipeline.config` does: this module imports neither, so the three never import each other.
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def _ensure_builtin() -> None:
-    # importing the module runs its @register_method decorators; deferred to avoid an import cycle
-    from . import methods  # noqa: F401
+def _checked_defaults(name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """COMMON_DEFAULTS overlaid with the method's own; only method-dependent keys may be set.
 
-
-def _checked_defaults(name: str, defaults: Mapping[str, Any], prototype_head: str) -> dict[str, Any]:
-    """COMMON_DEFAULTS overlaid with the method's own, each validated by the config's own field types.
-
-    Why here: a bad default must fail when the method is registered, not later as an invalid value
-    in a config the user never wrote it into.
+    Their values are checked against the config's field types by `pipeline.config` (when the
+    method's spec is resolved, and for every registered method in tests/pipeline/test_registry.py).
     """
-    from .config import MethodConfig, ModelConfig  # deferred: config imports this module
-
     unknown = sorted(set(defaults) - set(COMMON_DEFAULTS))
     if unknown:
         raise ValueError(f"method {name!r}: defaults may set only the method-dependent keys "
                          f"({', '.join(COMMON_DEFAULTS)}); {unknown} have one default for every method "
                          f"(pipeline.config.MethodConfig)")
-    merged = {**COMMON_DEFAULTS, **defaults}
-    try:
-        checked = MethodConfig.model_validate(merged)
-        ModelConfig.model_validate({"prototype_head": prototype_head})
-    except ValidationError as exc:
-        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}={e['input']!r}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"method {name!r}: invalid default: {bad}") from None
-    return {k: getattr(checked, k) for k in merged}
+    return {**COMMON_DEFAULTS, **defaults}
 
 
 def register_method(name: str, *, n_views: int, terms: Iterable[Term], defaults: Mapping[str, Any] | None = None,
@@ -149,7 +136,7 @@ def register_method(name: str, *, n_views: int, terms: Iterable[Term], defaults:
         raise ValueError(f"method {name!r}: terms must name at least one term, each once; got {names}")
     if n_views < 1:
         raise ValueError(f"method {name!r}: n_views must be >= 1, got {n_views}")
-    resolved = MappingProxyType(_checked_defaults(name, defaults or {}, prototype_head))
+    resolved = MappingProxyType(_checked_defaults(name, defaults or {}))
 
     def decorator(factory: F) -> F:
         taken = _METHODS.get(name)
@@ -163,7 +150,6 @@ def register_method(name: str, *, n_views: int, terms: Iterable[Term], defaults:
 
 def list_methods(pattern: str | None = None) -> list[str]:
     """Registered method names, sorted, optionally filtered by a shell pattern (`"*ce"`)."""
-    _ensure_builtin()
     names = sorted(_METHODS)
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
@@ -182,7 +168,6 @@ def method_spec(name: str) -> MethodSpec:
     Raises:
         ConfigError: unknown name, with the closest registered name and the full list.
     """
-    _ensure_builtin()
     spec = _METHODS.get(name)
     if spec is None:
         raise ConfigError(f"method.name: {unknown_method_message(name)}")
@@ -222,7 +207,6 @@ def heads_used(name: str, terms: Iterable[str]) -> dict[str, bool]:
     A term the method did not declare (or a method not registered) counts as using every head, which
     keeps its heads and DDP's unused-parameter search: safe rather than fast.
     """
-    _ensure_builtin()
     spec = _METHODS.get(name)
     declared = {t.name: t.heads for t in spec.terms} if spec is not None else {}
     terms = set(terms)

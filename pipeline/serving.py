@@ -38,7 +38,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -83,25 +83,24 @@ class ServedClassifier:
                                 f"'{IMAGE_COLUMN}' column (the image file's bytes, base64 in JSON) or a "
                                 f"'{PATH_COLUMN}' column (an image file on the serving machine)")
         names = self.classifier.class_names
-        logits: list[np.ndarray] = []
-        batch: list[Any] = []
-        for row, (image, path) in enumerate(zip(_column(frame, IMAGE_COLUMN), _column(frame, PATH_COLUMN))):
-            if (image is None) == (path is None):
-                raise PipelineError(f"row {row} of the request has {'both' if image is not None else 'neither'} "
-                                    f"'{IMAGE_COLUMN}' and '{PATH_COLUMN}'; give exactly one per row")
-            try:
-                batch.append(self.classifier.tensor(_image_bytes(image, row) if image is not None else str(path),
-                                                    name=f"row {row} of the request"))
-            except DataPrepError as exc:  # the row, never the path: a file name may carry a patient's name
-                fix = "send the complete JPEG or PNG file" if path is None else \
-                    f"give a readable JPEG or PNG file on the serving machine in '{PATH_COLUMN}'"
-                raise PipelineError(f"row {row} of the request: {getattr(exc, 'reason', exc)}; {fix}") from None
-            if len(batch) >= self.batch_size:
-                logits.append(self.classifier.logits(batch))
-                batch.clear()
-        if batch:
-            logits.append(self.classifier.logits(batch))
-        probs = self.classifier.probabilities(np.concatenate(logits)) if logits else np.zeros((0, len(names)))
+        rows = list(zip(_column(frame, IMAGE_COLUMN), _column(frame, PATH_COLUMN)))
+
+        def tensors() -> Iterator[Any]:
+            for row, (image, path) in enumerate(rows):
+                if (image is None) == (path is None):
+                    raise PipelineError(f"row {row} of the request has {'both' if image is not None else 'neither'} "
+                                        f"'{IMAGE_COLUMN}' and '{PATH_COLUMN}'; give exactly one per row")
+                try:
+                    yield self.classifier.tensor(_image_bytes(image, row) if image is not None else str(path),
+                                                 name=f"row {row} of the request")
+                except DataPrepError as exc:  # the row, never the path: a file name may carry a patient's name
+                    fix = "send the complete JPEG or PNG file" if path is None else \
+                        f"give a readable JPEG or PNG file on the serving machine in '{PATH_COLUMN}'"
+                    raise PipelineError(f"row {row} of the request: {getattr(exc, 'reason', exc)}; {fix}") from None
+
+        # batches fill as rows decode and go through the one prediction loop (pipeline.inference)
+        probs = self.classifier.probabilities(self.classifier.logits(tensors(), self.batch_size)) if rows \
+            else np.zeros((0, len(names)))
         out = pd.DataFrame(probs, columns=names)
         out[PREDICTION_COLUMN] = [names[i] for i in probs.argmax(axis=1)] if len(probs) else []
         return out

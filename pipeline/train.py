@@ -50,7 +50,7 @@ from .errors import ConfigError, PipelineError
 from .store import resolve_store
 from .threads import ThreadPlan, apply_threads, available_cores, plan_threads
 
-__all__ = ["TrainResult", "run_train", "main", "cosine_with_warmup", "rng_state", "set_rng_state", "is_rank_zero"]
+__all__ = ["TrainResult", "run_train", "cosine_with_warmup", "rng_state", "set_rng_state", "is_rank_zero"]
 
 
 @dataclass(frozen=True)
@@ -245,33 +245,25 @@ def _stack_views(x: Tensor, n_views: int) -> Tensor:
     return x.transpose(0, 1).reshape(v * b, *x.shape[2:])
 
 
-@torch.no_grad()
 def _validate(network: torch.nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None,
               channels_last: bool, n_classes: int) -> float | None:
-    """Validation balanced accuracy of the raw (unadjusted) logits; None when val has no labels."""
+    """Validation balanced accuracy of the raw (unadjusted) logits; None when val has no labels.
+
+    The pass is `pipeline.inference.predict_loader` (the loop evaluation uses), under training's
+    autocast and memory format.
+    """
+    from .inference import predict_loader
     from .metrics import balanced_accuracy
 
     if loader is None:
         return None
-    was_training = network.training
-    network.eval()
-    probs, labels = [], []
-    for x, y, _ in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = network(x)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels.append(np.asarray(y))
-    network.train(was_training)
-    if not labels:
-        return None
-    p, y = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
-    keep = y >= 0
+    pred = predict_loader(network, loader, device, n_classes, amp=amp, channels_last=channels_last)
+    keep = pred.labelled
     if not keep.any():
         return None
-    return float(balanced_accuracy(p[keep], y[keep]))
+    # float32 softmax, as training has always scored it: a tie in the probabilities counts as wrong
+    probs = torch.softmax(torch.from_numpy(pred.logits[keep]).float(), dim=1).numpy()
+    return float(balanced_accuracy(probs, pred.labels[keep]))
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -630,13 +622,6 @@ def _log_final_model(best: Path, cfg: RunConfig, norm: dict, register: str | Non
 
 
 # ---------------------------------------------------------------------------------- entry point
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.train ARGS` is `ecl train ARGS` (one parser: pipeline.cli); torchrun launches this."""
-    from .cli import main as ecl_main
-
-    return ecl_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
 def is_rank_zero() -> bool:
     """After run_train has left the process group: rank from torchrun's environment (0 alone)."""
     import os
@@ -644,5 +629,7 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m pipeline.train ARGS` is `ecl train ARGS` (one parser: pipeline.cli)
+    from pipeline.cli import main as _ecl_main
+
+    sys.exit(_ecl_main(["train", *sys.argv[1:]]))

@@ -296,17 +296,22 @@ def test_every_documented_command_line_parses(tmp_path, monkeypatch, capsys):
     assert bad == []
 
 
-def test_python_m_entry_points_are_the_ecl_parser(capsys):
+# runpy warns that the stage module is already imported (by this test session); `python -m` starts fresh
+@pytest.mark.filterwarnings("ignore:'pipeline\\.\\w+' found in sys.modules after import of package:RuntimeWarning")
+def test_python_m_entry_points_are_the_ecl_parser(capsys, monkeypatch):
     """`python -m pipeline.<stage> ARGS` is `ecl <stage> ARGS`: same usage line, same errors."""
-    from pipeline import evaluate, geometry_stage, predict, train
+    import runpy
 
-    for name, module in (("train", train), ("evaluate", evaluate), ("predict", predict), ("geometry", geometry_stage)):
+    def run_module(module: str, *args: str) -> int:
+        monkeypatch.setattr(sys, "argv", [module, *args])
         with pytest.raises(SystemExit) as exc:
-            module.main(["--help"])
-        assert exc.value.code == 0 and f"usage: ecl {name}" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        geometry_stage.main(["--counts", "9,x"])
-    assert exc.value.code == 2
+            runpy.run_module(f"pipeline.{module}", run_name="__main__")
+        return exc.value.code
+
+    for name, module in (("train", "train"), ("evaluate", "evaluate"), ("predict", "predict"),
+                         ("geometry", "geometry_stage")):
+        assert run_module(module, "--help") == 0 and f"usage: ecl {name}" in capsys.readouterr().out
+    assert run_module("geometry_stage", "--counts", "9,x") == 2
     assert "argument --counts/--class-counts: expected comma-separated whole numbers" in capsys.readouterr().err
 
 

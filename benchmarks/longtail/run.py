@@ -330,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_dir = base / f"compare-{args.name}"
         # the reference group (differences are against it) is listed first: BCL, the peer ECL must beat
         order = sorted(variants, key=lambda name: name != args.reference)
-        run_dirs = [str(base / "runs" / f"{name}-s{seed}") for name in order for seed in seeds]
+        # only evaluated runs: `ecl compare` never evaluates (a run another runner is still training is left out)
+        run_dirs = [str(base / "runs" / f"{name}-s{seed}") for name in order for seed in seeds
+                    if (base / "runs" / f"{name}-s{seed}" / "eval-test" / "metrics.json").is_file()]
         _run(ecl + ["compare", *run_dirs, "--group-by", "method", "--out", str(out_dir)], log)
         text += (f"\nSeed-aware comparison (`ecl compare RUN_DIRS --group-by method`, {order[0]} listed first; "
                  f"differences against {order[0]}, 95 % interval of a bootstrap over seeds and test images):\n\n"

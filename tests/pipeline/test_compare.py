@@ -112,10 +112,14 @@ def test_compare_needs_two_runs_and_known_refs(two_runs, tmp_path):
                     out_dir=tmp_path / "x")
 
 
-def test_compare_evaluates_run_without_predictions(tmp_path):
-    """A run folder with no eval-test/ is evaluated first; its labels match the cache's test split."""
+def test_compare_asks_to_evaluate_a_run_without_predictions(tmp_path):
+    """compare never evaluates (one stage does not run another): an unevaluated run, given as a folder
+    or as an MLflow run id, is a one-line error naming the `ecl evaluate` to run; once evaluated, its
+    labels match the cache's test split."""
     from data_prep import open_cache
     from pipeline.compare import run_compare
+    from pipeline.errors import PipelineError
+    from pipeline.evaluate import run_evaluate
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -133,11 +137,22 @@ def test_compare_evaluates_run_without_predictions(tmp_path):
         prior_dir.mkdir()
         metrics.write_isic_csv(prior_dir / "predictions.csv", ids, prior, c.class_names)
         metrics.write_isic_csv(prior_dir / "ground_truth.csv", ids, labels, c.class_names)
+        with pytest.raises(PipelineError) as err:
+            run_compare([str(prior_dir), str(run_dir)], tracking_uri=uri, out_dir=tmp_path / "cmp", n_bootstrap=200)
+        assert str(err.value) == (f"run {run_dir} has no predictions on the test split; run `ecl evaluate --run "
+                                  f"{run_dir} --split test` first, then compare")
+        assert not (run_dir / "eval-test").exists()  # nothing was evaluated behind the user's back
+        from pipeline.checkpoint import load_checkpoint
+
+        run_id = load_checkpoint(run_dir / "checkpoint-best.pt")["mlflow_run_id"]
+        with pytest.raises(PipelineError, match=f"run {run_id} has no predictions on the val split; run "
+                                                f"`ecl evaluate --run {run_id} --split val` first"):
+            run_compare([str(prior_dir), run_id], tracking_uri=uri, split="val", out_dir=tmp_path / "cmp")
+        run_evaluate(str(run_dir), split="test", echo=False)
         html = run_compare([str(prior_dir), str(run_dir)], tracking_uri=uri, out_dir=tmp_path / "cmp",
                            n_bootstrap=200)
     finally:
         torch.set_num_threads(before)
-    assert (run_dir / "eval-test" / "predictions.csv").is_file()
     payload = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     # the constant prior predicts the majority class only: balanced accuracy = 1 / classes present
     assert payload["runs"][0]["balanced_accuracy"] == pytest.approx(1 / 3)

@@ -103,7 +103,7 @@ def test_evaluate_absent_class_is_null_not_zero(evaluated):
 
 def test_evaluate_stores_temperature_fitted_on_val(evaluated, one_thread):
     from pipeline.checkpoint import load_checkpoint, load_trained_model
-    from pipeline.evaluate import predict_split
+    from pipeline.inference import predict_split
     from data_prep import open_cache
 
     m = evaluated["result"].metrics
@@ -253,7 +253,7 @@ def test_evaluate_missing_cache_names_the_folder(tmp_path, evaluated):
 def _val_probs(evaluated):
     from data_prep import open_cache
     from pipeline.checkpoint import load_trained_model
-    from pipeline.evaluate import predict_split
+    from pipeline.inference import predict_split
 
     tm = load_trained_model(evaluated["run_dir"])
     val = predict_split(tm.network, open_cache(evaluated["cache"]), "val", tm.config.data, 8)

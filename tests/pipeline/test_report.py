@@ -112,15 +112,16 @@ def test_templates_ship_as_package_data():
 
 def test_report_flags_intervals_of_classes_with_few_images(evaluation, monkeypatch):
     """Stratified resampling cannot show the uncertainty of a 1-image class: its CI is flagged."""
+    import pipeline.eval_sections as sections_mod
     import pipeline.evaluate as evaluate_mod
 
     html = evaluation.report_path.read_text(encoding="utf-8")
     per_class = html[html.index("Per-class results"):html.index("Confusion matrix")]
-    assert evaluate_mod.SMALL_CLASS_CI_N == 5
+    assert sections_mod.SMALL_CLASS_CI_N == 5
     # the tiny cohort's test classes have 6-12 images: nothing flagged at the default threshold
     assert "(n&lt;" not in per_class.split("</table>")[0]
     # at a threshold above every class size, every class with an interval is flagged
-    monkeypatch.setattr(evaluate_mod, "SMALL_CLASS_CI_N", 100)
+    monkeypatch.setattr(sections_mod, "SMALL_CLASS_CI_N", 100)
     out = evaluate_mod.run_evaluate(str(evaluation.out_dir.parent), n_bootstrap=100,
                                     out_dir=evaluation.out_dir.parent / "eval-flag")
     flagged = out.report_path.read_text(encoding="utf-8")
