@@ -12,7 +12,8 @@ Channel modes (each image is uint8 [S, S, 3], S = ct_image_size):
 * ``adjacent``: the slice and its two neighbours (one isotropic voxel apart) under the lung window,
   a cheap 2.5D input.
 * ``orthogonal``: axial, coronal and sagittal planes through the point, lung window. Coronal and
-  sagittal planes are flipped so that the +k axis (superior for an axial LPS series) is up.
+  sagittal planes are flipped so that the +k axis (superior: the decode orients every volume to
+  L, P, S axes first) is up.
 
 Offsets: `slices_per_lesion` planes are taken at offsets (voxels) through the lesion; for
 `orthogonal`, offset o moves the point along k, j and i at once, so each of the three planes moves.

@@ -239,3 +239,77 @@ def test_decode_samples_lung_when_no_centre(cases):
     old = [planes_2d(_former_crop(old_iso.array, p, 33), 0, "windows", 32) for p in lung_sample_points(old_iso, 3)]
     assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(old, out)) <= U8_TOL
     assert CT_DECODE_VERSION >= 2
+
+
+# ---- real files shipped with pydicom and nibabel ----
+
+def _nibabel_file(name: str) -> Path:
+    import nibabel.tests
+
+    return Path(nibabel.tests.__file__).parent / "data" / name
+
+
+def _to_lps_axes(vol: Volume) -> Volume:
+    """By hand: reverse every stored axis whose direction points against L, P or S (axis-aligned volumes)."""
+    arr, origin, direction = vol.array, np.asarray(vol.origin, float), np.asarray(vol.direction, float).copy()
+    for a in range(3):  # a = i, j, k; array axis 2 - a
+        world = int(np.argmax(np.abs(direction[:, a])))
+        assert world == a, "test volumes are stored without axis permutation"
+        if direction[world, a] < 0:
+            n = vol.shape[2 - a]
+            origin = origin + direction[:, a] * vol.spacing[2 - a] * (n - 1)
+            direction[:, a] *= -1
+            arr = np.flip(arr, axis=2 - a)
+    return Volume(array=np.ascontiguousarray(arr), spacing=vol.spacing, origin=tuple(origin), direction=direction)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "reoriented_anat_moved.nii"])  # stored LAS (int16), RAS (float32)
+def test_real_nifti_files_match_sitk_and_the_former_path(name):
+    path = _nibabel_file(name)
+    vol = load_nifti(path)
+    ref = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(ref).astype(np.float32))
+    np.testing.assert_allclose(vol.spacing, ref.GetSpacing()[::-1], rtol=1e-6)
+    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(vol.direction.ravel(), ref.GetDirection(), atol=1e-6)
+    # MR intensities rescaled onto the lung window's HU range, so the uint8 comparison sees contrast
+    vol = Volume(array=vol.array / vol.array.max() * 1400.0 - 1000.0, spacing=vol.spacing, origin=vol.origin,
+                 direction=vol.direction)
+    lps = _to_lps_axes(vol)
+    centre = tuple(float(v) for v in vol.index_to_world(np.asarray(vol.shape) / 2 - 0.3))
+    cube, kji = lesion_crop(resample_transforms(1.5)(to_monai(vol)), centre, 30.0, 1.5, "case")
+    former_iso = _former_resample(lps, 1.5)
+    assert np.abs(np.asarray(kji) - former_iso.world_to_index(centre)).max() <= 0.5 + 1e-9
+    assert np.abs(cube - _former_crop(former_iso.array, kji, cube.shape[0])).max() < HU_TOL
+    for channels in CHANNEL_MODES:
+        old = _former_images(lps, centre, 8.0, 1.5, 30.0, channels, 3, 32)
+        new = decode_ct(vol, [LesionSpec(centre, 8.0)], 1.5, 30.0, channels, 3, 32, "case")
+        assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(old, new)) <= U8_TOL, channels
+        assert min(float(img.std()) for img in new) > 5
+    if name == "anatomical.nii":  # stored L, A, S: the former path cut its planes upside down relative to these
+        stored = _former_images(vol, centre, None, 1.5, 30.0, "windows", 1, 32)[0]
+        ours = decode_ct(vol, [LesionSpec(centre)], 1.5, 30.0, "windows", 1, 32, "case")[0]
+        assert np.abs(stored.astype(int) - ours.astype(int)).max() > 50
+
+
+def test_real_nifti_4d_is_an_error():
+    with pytest.raises(DataPrepError, match=r"functional\.nii: expected a 3D single-channel volume"):
+        load_nifti(_nibabel_file("functional.nii"))
+
+
+def test_real_dicom_slice_matches_the_former_path(tmp_path):
+    # pydicom's CT_small.dcm: one real 128 x 128 CT slice (0.66 mm pixels)
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "s").mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "s" / "CT_small.dcm")
+    vol = load_series(tmp_path / "s")
+    assert vol.shape[0] == 1
+    centre = tuple(float(v) for v in vol.index_to_world((0, 60.2, 70.7)))
+    for channels in ("windows", "adjacent"):
+        old = _former_images(vol, centre, None, 0.5, 24.0, channels, 1, 40)
+        new = decode_ct(vol, [LesionSpec(centre)], 0.5, 24.0, channels, 1, 40, "case")
+        assert np.abs(old[0].astype(int) - new[0].astype(int)).max() <= U8_TOL, channels
+        assert new[0].std() > 5
