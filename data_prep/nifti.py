@@ -45,11 +45,11 @@ def nifti_stem(path: str | Path) -> str:
 def _check_complete(path: Path) -> None:
     """Refuse a NIfTI file shorter than its header promises.
 
-    Why: ITK reads a truncated file without an error (it warns on stderr, naming the file, and
-    fills the missing voxels with zeros), so a cut download would silently become a volume of
-    air. The header gives the data offset, the dimensions and the bits per voxel; the file (the
-    decompressed stream for .nii.gz) must hold at least that many bytes. A header this function
-    cannot parse is left to the reader's own error.
+    Why: a reader may accept a truncated file (ITK warned on stderr, naming the file, and filled
+    the missing voxels with zeros), so a cut download could silently become a volume of air; and
+    this check's one-line error names the byte counts. The header gives the data offset, the
+    dimensions and the bits per voxel; the file (the decompressed stream for .nii.gz) must hold at
+    least that many bytes. A header this function cannot parse is left to the reader's own error.
     """
     gz = path.name.lower().endswith(".gz")
     try:

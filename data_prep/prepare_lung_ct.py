@@ -44,8 +44,8 @@ by pseudonym and position ("series S-..., patient P-..., slice 12 of 40", slices
 position order along the slice normal) and a file whose series is unknown by its position in
 the sorted input listing ("input file 17 of 530": the 17th of `sorted(images_dir.rglob('*'))`,
 hidden files left out). `_Namer` rewrites every message on its way out, so third-party texts
-(pydicom, SimpleITK) that quote a path are covered too; pydicom's value warnings are silenced
-(`dicom.quiet_pydicom`) and ITK's warning output is off. The salt is never written.
+(pydicom, nibabel, MONAI) that quote a path are covered too; pydicom's value warnings are silenced
+(`dicom.quiet_pydicom`). The salt is never written.
 """
 from __future__ import annotations
 
