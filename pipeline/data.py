@@ -502,8 +502,16 @@ def create_train_loader(cache: Any, data_cfg: DataConfig, train_cfg: TrainConfig
             f"(train.batch_size={train_cfg.batch_size} x {world_size} process(es)). Lower train.batch_size."
         )
     sampler = EpochTaggedSampler(create_sampler(train_cfg.sampler, labels, seed, rank=rank, world_size=world_size), epoch)
-    make_views = ct_train_transform if getattr(cache, "kind", "") == "ct" else train_transform
-    dataset = CacheDataset(cache, rows, make_views(data_cfg, norm, n_views), seed=seed, epoch=epoch)
+    if getattr(cache, "kind", "") == "ct":
+        views: Any = ct_train_transform(data_cfg, norm, n_views)
+        # built here, before the workers fork: each worker building its own MONAI transforms allocated
+        # enough to run the garbage collector there, which then finalised a previous loader's iterator
+        # inherited from the parent ("can only test a child process" noise between two trainings, seen in
+        # `ecl demo --modality ct`)
+        views.views_for(max(cache.image(int(rows[0])).shape[:2]))
+    else:
+        views = train_transform(data_cfg, norm, n_views)
+    dataset = CacheDataset(cache, rows, views, seed=seed, epoch=epoch)
     return DataLoader(dataset, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True, **_loader_kwargs(data_cfg))
 
 
