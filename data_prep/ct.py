@@ -1,8 +1,9 @@
-"""From a CT volume to 2D network inputs: isotropic resampling, lesion cubes, lung slices, windows.
+"""From an isotropic CT cube to 2D network inputs: HU windows, lung sampling, plane choice.
 
-Why isotropic first: crops are specified in millimetres and planes are taken along three axes
-(`orthogonal`), so one voxel must mean the same distance everywhere. Resampling keeps the grid's
-origin and direction, so a world point keeps its place (`Volume.world_to_index` stays valid).
+Orientation, isotropic resampling and lesion crops are MONAI dictionary transforms
+(`ct_transforms`, which calls into this module for the planes). Why isotropic first: crops are
+specified in millimetres and planes are taken along three axes (`orthogonal`), so one voxel must
+mean the same distance everywhere.
 
 Channel modes (each image is uint8 [S, S, 3], S = ct_image_size):
 
@@ -11,49 +12,24 @@ Channel modes (each image is uint8 [S, S, 3], S = ct_image_size):
 * ``adjacent``: the slice and its two neighbours (one isotropic voxel apart) under the lung window,
   a cheap 2.5D input.
 * ``orthogonal``: axial, coronal and sagittal planes through the point, lung window. Coronal and
-  sagittal planes are flipped so that the +k axis (superior for an axial LPS series) is up.
+  sagittal planes are flipped so that the +k axis (superior: the decode orients every volume to
+  L, P, S axes first) is up.
 
 Offsets: `slices_per_lesion` planes are taken at offsets (voxels) through the lesion; for
 `orthogonal`, offset o moves the point along k, j and i at once, so each of the three planes moves.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from .dicom import Volume
 from .errors import DataPrepError
 
-__all__ = ["WINDOWS", "CHANNEL_MODES", "AIR_HU", "resample_isotropic", "apply_window", "crop_cube", "lesion_cube",
-           "lung_mask", "lung_sample_points", "slice_offsets", "planes_2d", "cube_size"]
+__all__ = ["WINDOWS", "CHANNEL_MODES", "AIR_HU", "apply_window", "lung_mask", "lung_sample_points", "slice_offsets", "plane_stack", "planes_2d", "cube_size"]
 
 AIR_HU = -1000.0
 WINDOWS: dict[str, tuple[float, float]] = {"lung": (-1000.0, 400.0), "mediastinal": (-160.0, 240.0), "wide": (-1000.0, 1000.0)}
 CHANNEL_MODES = ("windows", "adjacent", "orthogonal")
-
-
-def resample_isotropic(volume: Volume, spacing_mm: float) -> Volume:
-    """Resample to cubic voxels of `spacing_mm` (linear interpolation, air outside).
-
-    The output grid starts at the same world point with the same direction, and covers the
-    input's extent: size = floor((n - 1) * old / new) + 1 per axis.
-    """
-    import SimpleITK as sitk
-
-    if spacing_mm <= 0:
-        raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
-    img = sitk.GetImageFromArray(np.ascontiguousarray(volume.array, dtype=np.float32))
-    img.SetSpacing(tuple(float(s) for s in volume.spacing[::-1]))
-    img.SetOrigin(tuple(float(v) for v in volume.origin))
-    img.SetDirection(tuple(float(v) for v in np.asarray(volume.direction, float).ravel()))
-    old = np.asarray(volume.spacing[::-1], float)
-    n_old = np.asarray(volume.array.shape[::-1], float)
-    size = [int(np.floor((n - 1) * s / spacing_mm + 1e-6)) + 1 for n, s in zip(n_old, old)]
-    out = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), (spacing_mm,) * 3,
-                        img.GetDirection(), AIR_HU, sitk.sitkFloat32)
-    return Volume(array=sitk.GetArrayFromImage(out), spacing=(spacing_mm,) * 3, origin=volume.origin,
-                  direction=np.asarray(volume.direction, float))
 
 
 def apply_window(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -65,44 +41,6 @@ def apply_window(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 def cube_size(crop_mm: float, spacing_mm: float) -> int:
     """Odd number of voxels spanning about crop_mm, so the centre voxel sits on the centre point."""
     return 2 * max(1, int(round(crop_mm / spacing_mm / 2))) + 1
-
-
-def crop_cube(array: np.ndarray, centre_kji: Sequence[int], n: int, fill: float = AIR_HU) -> np.ndarray:
-    """The n^3 cube of `array` [z, y, x] centred on an integer index, padded with `fill` outside."""
-    half = n // 2
-    out = np.full((n, n, n), fill, dtype=np.float32)
-    src, dst = [], []
-    for c, size in zip(centre_kji, array.shape):
-        lo, hi = int(c) - half, int(c) - half + n
-        s0, s1 = max(lo, 0), min(hi, size)
-        if s1 <= s0:
-            return out
-        src.append(slice(s0, s1))
-        dst.append(slice(s0 - lo, s1 - lo))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-def lesion_cube(volume_iso: Volume, centre_xyz: Sequence[float], crop_mm: float, name: str) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Cube of crop_mm around a world point, from an isotropic volume.
-
-    Returns:
-        (cube float32 [n, n, n] HU, the rounded (k, j, i) centre index in the volume).
-
-    Raises:
-        DataPrepError: the centre lies outside the volume (named by `name`), never a silent crop
-            of the wrong place.
-    """
-    kji = volume_iso.world_to_index(centre_xyz)
-    # one voxel of slack: the isotropic grid may end up to one voxel short of the original extent
-    if not volume_iso.contains_index(kji, margin=1.0):
-        raise DataPrepError(
-            f"{name}: lesion centre ({', '.join(f'{v:.1f}' for v in centre_xyz)}) mm lies outside the volume "
-            f"(voxel index k,j,i = {', '.join(f'{v:.1f}' for v in kji)}; shape {volume_iso.shape}). Check the centre "
-            f"columns of the labels CSV: world coordinates in mm (DICOM patient/LPS) or center_i/j/k voxel indices.")
-    centre = tuple(int(v) for v in np.clip(np.rint(kji), 0, np.asarray(volume_iso.shape) - 1))
-    n = cube_size(crop_mm, volume_iso.spacing[0])
-    return crop_cube(volume_iso.array, centre, n), centre  # type: ignore[return-value]
 
 
 def lung_mask(hu: np.ndarray, threshold: float = -400.0) -> np.ndarray:
@@ -172,6 +110,27 @@ def _resize(plane: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+def plane_stack(cube: np.ndarray, offset: int, channels: str, size: int) -> np.ndarray:
+    """The HU planes behind one network input, resized to `size`: float32 [C, S, S].
+
+    C = 1 for "windows" (one axial plane, windowed three ways later), 3 otherwise (see the
+    module docstring for which planes). `planes_2d` windows them; the MONAI decode
+    (`ct_transforms.window`) does the same with ScaleIntensityRanged.
+    """
+    n = cube.shape[0]
+    c = n // 2
+    o = int(np.clip(c + offset, 0, n - 1))
+    if channels == "windows":
+        planes = [cube[o]]
+    elif channels == "adjacent":
+        planes = [cube[int(np.clip(o + d, 0, n - 1))] for d in (-1, 0, 1)]
+    elif channels == "orthogonal":
+        planes = [cube[o], cube[:, o, :][::-1], cube[:, :, o][::-1]]
+    else:
+        raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
+    return np.stack([_resize(p, size) for p in planes])
+
+
 def planes_2d(cube: np.ndarray, offset: int, channels: str, size: int) -> np.ndarray:
     """One network input from an HU cube [n, n, n] centred on the point of interest.
 
@@ -184,17 +143,9 @@ def planes_2d(cube: np.ndarray, offset: int, channels: str, size: int) -> np.nda
     Returns:
         uint8 [S, S, 3].
     """
-    n = cube.shape[0]
-    c = n // 2
-    o = int(np.clip(c + offset, 0, n - 1))
+    planes = plane_stack(cube, offset, channels, size)
     if channels == "windows":
-        plane = _resize(cube[o], size)
-        chans = [apply_window(plane, WINDOWS[w]) for w in ("lung", "mediastinal", "wide")]
-    elif channels == "adjacent":
-        chans = [apply_window(_resize(cube[int(np.clip(o + d, 0, n - 1))], size), WINDOWS["lung"]) for d in (-1, 0, 1)]
-    elif channels == "orthogonal":
-        planes = [cube[o], cube[:, o, :][::-1], cube[:, :, o][::-1]]
-        chans = [apply_window(_resize(p, size), WINDOWS["lung"]) for p in planes]
+        chans = [apply_window(planes[0], WINDOWS[w]) for w in ("lung", "mediastinal", "wide")]
     else:
-        raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
+        chans = [apply_window(p, WINDOWS["lung"]) for p in planes]
     return np.stack(chans, axis=-1)

@@ -1,8 +1,12 @@
 """NIfTI volumes (.nii, .nii.gz) read into the same `Volume` as a DICOM series.
 
+Reader: MONAI's `LoadImaged(reader="NibabelReader")` for NIfTI-1 and NIfTI-2 alike (nibabel
+through MONAI, the field's usual route; SimpleITK's reader here had no NIfTI-2 support).
+
 Axis and orientation conventions: NIfTI stores an affine from voxel (i, j, k) to RAS+ world
-millimetres; DICOM uses LPS+. SimpleITK (ITK's NIfTI reader) converts the affine to LPS on read
-by negating the first two world axes, and returns the array as [k, j, i] = [z, y, x]. So after
+millimetres (nibabel: the sform when set, else the qform); DICOM uses LPS+. `load_nifti`
+converts the affine to LPS by negating the first two world axes, as ITK does, and returns the
+array as [k, j, i] = [z, y, x]. So after
 `load_nifti`, `origin`/`direction` are in the same LPS world as `load_series`, the array index
 order is the same [z, y, x], and `center_x/y/z_mm` in a labels CSV mean LPS millimetres for both
 inputs (convert RAS coordinates from other tools by negating x and y). Voxel centres
@@ -12,6 +16,7 @@ Values are taken as HU as stored (scl_slope/scl_inter applied by the reader).
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -23,7 +28,7 @@ import numpy as np
 from .dicom import Volume
 from .errors import DataPrepError
 
-__all__ = ["load_nifti", "nifti_stem", "nifti2_volume", "is_nifti2", "NIFTI_SUFFIXES"]
+__all__ = ["load_nifti", "nifti_stem", "nifti_grid", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -40,11 +45,11 @@ def nifti_stem(path: str | Path) -> str:
 def _check_complete(path: Path) -> None:
     """Refuse a NIfTI file shorter than its header promises.
 
-    Why: ITK reads a truncated file without an error (it warns on stderr, naming the file, and
-    fills the missing voxels with zeros), so a cut download would silently become a volume of
-    air. The header gives the data offset, the dimensions and the bits per voxel; the file (the
-    decompressed stream for .nii.gz) must hold at least that many bytes. A header this function
-    cannot parse is left to the reader's own error.
+    Why: a reader may accept a truncated file (ITK warned on stderr, naming the file, and filled
+    the missing voxels with zeros), so a cut download could silently become a volume of air; and
+    this check's one-line error names the byte counts. The header gives the data offset, the
+    dimensions and the bits per voxel; the file (the decompressed stream for .nii.gz) must hold at
+    least that many bytes. A header this function cannot parse is left to the reader's own error.
     """
     gz = path.name.lower().endswith(".gz")
     try:
@@ -84,23 +89,12 @@ def _check_complete(path: Path) -> None:
                             f"{'the decompressed file has' if gz else 'the file has'} {have}. Re-export or re-copy it.", str(path))
 
 
-def is_nifti2(path: str | Path) -> bool:
-    """True for a NIfTI-2 file (sizeof_hdr 540), plain or gzipped."""
-    path = Path(path)
-    try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
-            head = fh.read(4)
-    except (OSError, EOFError, zlib.error):
-        return False
-    return len(head) == 4 and 540 in (struct.unpack("<i", head)[0], struct.unpack(">i", head)[0])
+def nifti_grid(path: str | Path) -> Volume:
+    """The voxel grid of a NIfTI-1 or NIfTI-2 file from its header alone (nibabel), in our LPS conventions.
 
-
-def nifti2_volume(path: str | Path, pixels: bool = True) -> Volume:
-    """A NIfTI-2 file read with nibabel (this SimpleITK build has no NIfTI-2 reader), in ITK's conventions.
-
-    nibabel's affine maps (i, j, k) to RAS+ mm; ITK's LPS origin and direction negate its first two
-    rows, spacing is the length of each column, and the array is transposed to [k, j, i].
-    With `pixels=False` the array is a zero-strided stand-in of the right shape (headers only).
+    The array is a zero-strided stand-in of the right shape [k, j, i]. Same header, same affine
+    (sform if set, else qform) as `load_nifti`'s reader, so centres checked here land where the
+    pixels are read.
     """
     import nibabel as nib
 
@@ -108,47 +102,67 @@ def nifti2_volume(path: str | Path, pixels: bool = True) -> Volume:
     try:
         img = nib.load(str(path))
         shape = tuple(int(v) for v in img.shape)
-        if len(shape) != 3:
-            raise DataPrepError(f"{path}: expected a 3D single-channel volume, got shape {shape}.", str(path))
         affine = np.asarray(img.affine, float)
-        arr = (np.asarray(img.get_fdata(dtype=np.float32)).transpose(2, 1, 0).copy() if pixels
-               else np.broadcast_to(np.float32(0), shape[::-1]))
-    except DataPrepError:
-        raise
     except Exception as exc:  # nibabel raises many types for a damaged file
-        raise DataPrepError(f"{path}: cannot be read as NIfTI-2 ({type(exc).__name__}: {exc}). The file is damaged or "
-                            f"truncated; re-export it.", str(path)) from None
+        raise DataPrepError(f"{path}: the NIfTI header cannot be read ({type(exc).__name__}: {exc}). The file is damaged "
+                            f"or not NIfTI; re-export it.", str(path)) from None
+    if len(shape) != 3:
+        raise DataPrepError(f"{path}: expected a 3D single-channel volume, got shape {shape}.", str(path))
     lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :4]
     spacing_ijk = np.linalg.norm(lps[:, :3], axis=0)
     if np.any(spacing_ijk <= 0):
-        raise DataPrepError(f"{path}: the NIfTI-2 affine has a zero-length axis; the voxel grid is undefined.", str(path))
-    return Volume(array=arr, spacing=tuple(float(v) for v in spacing_ijk[::-1]),  # type: ignore[arg-type]
+        raise DataPrepError(f"{path}: the NIfTI affine has a zero-length axis; the voxel grid is undefined.", str(path))
+    return Volume(array=np.broadcast_to(np.float32(0), shape[::-1]), spacing=tuple(float(v) for v in spacing_ijk[::-1]),  # type: ignore[arg-type]
                   origin=tuple(float(v) for v in lps[:, 3]),  # type: ignore[arg-type]
                   direction=lps[:, :3] / spacing_ijk)
 
 
+@functools.lru_cache(maxsize=1)
+def _loader():
+    """MONAI's LoadImaged with the NibabelReader, built once per process.
+
+    Why once and quietly: LoadImage instantiates every default reader as a fallback, and the
+    GPU DICOM reader among them logs and warns "nvImageCodec is not available" on each
+    construction, on every machine without it, although no DICOM is read through MONAI here.
+    """
+    import logging
+    import warnings
+
+    from monai.transforms import LoadImaged
+
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            return LoadImaged(keys="image", reader="NibabelReader", image_only=True, ensure_channel_first=True,
+                              dtype=np.float32)
+    finally:
+        plugin_log.setLevel(level)
+
+
 def load_nifti(path: str | Path) -> Volume:
-    """Read a 3D NIfTI file as a Volume (float32 [z, y, x], LPS origin/direction).
+    """Read a 3D NIfTI-1 or NIfTI-2 file as a Volume (float32 [z, y, x], LPS origin/direction).
+
+    Read by MONAI's `LoadImaged(reader="NibabelReader")`: the MetaTensor's RAS affine is turned
+    into our LPS origin/direction by `ct_transforms.from_monai`.
 
     Raises:
         DataPrepError: unreadable or truncated file, or not a 3D scalar image.
     """
-    import SimpleITK as sitk
+    from .ct_transforms import from_monai
 
     path = Path(path)
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's warnings quote the file path; faults raise here instead
     _check_complete(path)
-    if is_nifti2(path):
-        return nifti2_volume(path)
     try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise DataPrepError(f"{path}: cannot be read as NIfTI ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}). "
-                            f"The file is damaged or truncated; re-export it.", str(path)) from exc
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise DataPrepError(f"{path}: expected a 3D single-channel volume, got {img.GetDimension()}D with "
-                            f"{img.GetNumberOfComponentsPerPixel()} component(s).", str(path))
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    return Volume(array=arr, spacing=tuple(float(s) for s in img.GetSpacing()[::-1]),  # type: ignore[arg-type]
-                  origin=tuple(float(v) for v in img.GetOrigin()),  # type: ignore[arg-type]
-                  direction=np.asarray(img.GetDirection(), float).reshape(3, 3))
+        data = _loader()({"image": str(path)})
+    except Exception as exc:  # noqa: BLE001 - MONAI wraps nibabel's many error types
+        text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataPrepError(f"{path}: cannot be read as NIfTI ({text}). The file is damaged or truncated; re-export it.",
+                            str(path)) from None
+    img = data["image"]
+    if img.ndim != 4 or img.shape[0] != 1:
+        raise DataPrepError(f"{path}: expected a 3D single-channel volume, got shape {tuple(img.shape[1:])} with "
+                            f"{img.shape[0]} channel(s).", str(path))
+    return from_monai({"image": img})

@@ -17,7 +17,7 @@ Order of work, cheapest first:
    cohort that still has one (or only one class).
 4. Pixels, in shards of SHARD_SERIES series over `options.n_workers` processes with a progress
    bar: decode, resample to `spacing_mm`, crop `crop_mm` cubes around each lesion (or sample
-   lung slices where the row has no centre), turn planes into uint8 [S, S, 3] (`ct.planes_2d`).
+   lung slices where the row has no centre), turn planes into uint8 [S, S, 3] (`ct_transforms.decode_ct`, MONAI).
    Each shard is written atomically; an interrupted run resumes with the missing shards.
 5. Finalize: manifest columns image, label, split, group, patient, series, lesion, slice, where
    image = f"{patient}_l{lesion}_s{slice}", group = patient = the patient pseudonym, series = the
@@ -44,8 +44,8 @@ by pseudonym and position ("series S-..., patient P-..., slice 12 of 40", slices
 position order along the slice normal) and a file whose series is unknown by its position in
 the sorted input listing ("input file 17 of 530": the 17th of `sorted(images_dir.rglob('*'))`,
 hidden files left out). `_Namer` rewrites every message on its way out, so third-party texts
-(pydicom, SimpleITK) that quote a path are covered too; pydicom's value warnings are silenced
-(`dicom.quiet_pydicom`) and ITK's warning output is off. The salt is never written.
+(pydicom, nibabel, MONAI) that quote a path are covered too; pydicom's value warnings are silenced
+(`dicom.quiet_pydicom`). The salt is never written.
 """
 from __future__ import annotations
 
@@ -64,12 +64,12 @@ import pandas as pd
 from .build import build_cache, fixed_splits, is_up_to_date
 from .cache import FORMAT_VERSION
 from .cohort import Cohort
-from .ct import lesion_cube, lung_sample_points, planes_2d, resample_isotropic, slice_offsets, crop_cube, cube_size
+from .ct_transforms import CT_DECODE_VERSION, LesionSpec, decode_ct
 from .deid import pseudonym
 from .dicom import SeriesInfo, Volume, check_geometry, index_dicom_tree, read_series_volume
 from .errors import DataPrepError
 from .io import file_sha256, read_user_csv
-from .nifti import NIFTI_SUFFIXES, is_nifti2, load_nifti, nifti2_volume, nifti_stem
+from .nifti import NIFTI_SUFFIXES, load_nifti, nifti_grid, nifti_stem
 from .options import PrepareOptions, check_options
 
 __all__ = ["prepare_ct", "read_ct", "SHARD_SERIES", "LABEL_KEYS"]
@@ -375,22 +375,7 @@ def _grid_volume(task: _Task) -> Volume:
     """Geometry without pixels (a zero-strided array): from DICOM headers, or the NIfTI header."""
     if task.source == "dicom":
         return check_geometry(task.info, task.name).as_volume_grid()  # type: ignore[arg-type]
-    import SimpleITK as sitk
-
-    if is_nifti2(task.nifti):  # type: ignore[arg-type]
-        return nifti2_volume(task.nifti, pixels=False)  # type: ignore[arg-type]
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings quote the file path
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(task.nifti)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise DataPrepError(f"{task.name}: the NIfTI header cannot be read; the file is damaged or not NIfTI. Re-export it.", task.nifti) from exc
-    size = reader.GetSize()
-    if len(size) != 3:
-        raise DataPrepError(f"{task.name}: expected a 3D volume, got {len(size)}D.", task.nifti)
-    return Volume(array=np.broadcast_to(np.float32(0), tuple(size[::-1])), spacing=tuple(reader.GetSpacing()[::-1]),  # type: ignore[arg-type]
-                  origin=tuple(reader.GetOrigin()), direction=np.asarray(reader.GetDirection(), float).reshape(3, 3))  # type: ignore[arg-type]
+    return nifti_grid(task.nifti)  # type: ignore[arg-type]
 
 
 def _check_centres(task: _Task, grid: Volume) -> None:
@@ -414,27 +399,15 @@ def _cut(task: _Task, options: dict[str, Any]) -> list[np.ndarray]:
         vol = read_series_volume(task.info, task.name)  # type: ignore[arg-type]
     else:
         vol = load_nifti(task.nifti)  # type: ignore[arg-type]
-    iso = resample_isotropic(vol, options["spacing_mm"])
-    n = cube_size(options["crop_mm"], options["spacing_mm"])
-    out = []
-    for les in task.lesions:
-        if les.centre_world is not None:
-            cube, _ = lesion_cube(iso, les.centre_world, options["crop_mm"], task.name)
-            offsets = slice_offsets(options["slices_per_lesion"], les.diameter, options["spacing_mm"], n // 2)
-            out.extend(planes_2d(cube, o, options["channels"], options["ct_image_size"]) for o in offsets)
-        else:
-            try:
-                points = lung_sample_points(iso, options["slices_per_lesion"])
-            except DataPrepError as err:
-                raise DataPrepError(f"{task.name}: {err}", task.rel) from None
-            out.extend(planes_2d(crop_cube(iso.array, p, n), 0, options["channels"], options["ct_image_size"]) for p in points)
-    return out
+    lesions = [LesionSpec(les.centre_world, les.diameter) for les in task.lesions]
+    return decode_ct(vol, lesions, options["spacing_mm"], options["crop_mm"], options["channels"],
+                     options["slices_per_lesion"], options["ct_image_size"], task.name, task.rel)
 
 
 class _SeriesDecode:
     """The decode step of a CT cohort: one series task -> its lesion (or lung) images (picklable for workers).
 
-    Why a wrapper around `_cut`: a reader's own error (SimpleITK, numpy) quotes paths; it becomes
+    Why a wrapper around `_cut`: a reader's own error (nibabel, MONAI, numpy) quotes paths; it becomes
     this series' DataPrepError, so its text goes through the parent's `_Namer` like every other message.
     """
 
@@ -468,6 +441,7 @@ def _key_parts(images_dir: Path, files: list[Path], labels_csv: Path, salt: str)
     return {
         "format_version": FORMAT_VERSION,
         "kind": "ct",
+        "decode": CT_DECODE_VERSION,  # a new decode (ct_transforms) rebuilds old caches
         "files": [[p.relative_to(images_dir).as_posix(), p.stat().st_size] for p in files],
         "labels": file_sha256(labels_csv),
         "salt": hmac.new(salt.encode("utf-8"), b"ecl-ct-build-key", hashlib.sha256).hexdigest(),

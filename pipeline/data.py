@@ -11,6 +11,8 @@ Why it looks like this:
   its own generators, so the views are identical whatever the number of workers, the rank layout
   or a resume in the middle of a run. The epoch travels with each index from the sampler (the
   loader's sampler yields (epoch, position) pairs), which keeps it right inside persistent workers.
+- CT caches (`cache.kind == "ct"`) get MONAI views instead (`ct_train_transform`): one spatial
+  transform for the three planes of the 2.5D stack, window/noise jitter instead of colour ops.
 - Evaluation has one deterministic view: resize the shorter side to `image_size` (aspect kept),
   then centre-crop `image_size` x `image_size`. The whole lesion stays in frame, and a cache built
   with `prepare.short_side` close to `image_size` is barely resampled.
@@ -42,7 +44,7 @@ from .samplers import EpochSampler, create_sampler
 
 __all__ = [
     "CacheDataset", "ViewTransform", "create_train_loader", "create_eval_loader", "eval_transform",
-    "train_transform", "sample_seeds", "EpochTaggedSampler", "normalize_on_device", "FastColorJitter",
+    "train_transform", "ct_train_transform", "CtViewTransform", "sample_seeds", "EpochTaggedSampler", "normalize_on_device", "FastColorJitter",
 ]
 
 _REFLECT = cv2.BORDER_REFLECT_101
@@ -274,6 +276,103 @@ def train_transform(data_cfg: DataConfig, norm: dict[str, Any], n_views: int, no
     return ViewTransform(views, norm, stack=True, normalize=normalize)
 
 
+def _ct_view(data_cfg: DataConfig, strong: bool, source: int) -> Any:
+    """One CT training view as a MONAI Compose over {"image": float32 [3, source, source] in 0..255}.
+
+    The three channels are planes of one lesion (adjacent slices, orthogonal planes, or one
+    slice under three HU windows), so every spatial op acts on [3, H, W] as one image: one
+    rotation, zoom, shift and flip for all three, which for adjacent slices is a rigid in-plane
+    motion of the 3-D lesion neighbourhood (no op mixes or reorders channels: no hue, saturation
+    or grayscale, which mean nothing on HU windows). Intensity ops are the CT analogue of colour
+    jitter: a window width (scale) and level (shift) change, and Gaussian noise at the cache's
+    pixel size (resized with the image afterwards, so it is correlated like scanner noise).
+    Padding is 0 = below every window = air, what lies around a lesion crop's edge anyway.
+    Spatial work happens at the cache's size, then one `Resized` to `image_size`.
+    """
+    from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised, RandScaleIntensityd,
+                                  RandShiftIntensityd, Resized)
+
+    aug = data_cfg.augment
+    level = min(aug.strong_magnitude / 10.0, 1.5) if strong else 0.5
+    zoom_in = float(np.sqrt(aug.crop_scale_min)) - 1.0  # grid scale < 1 zooms in: RandomResizedCrop's area range
+    cj = max(aug.color_jitter, 0.1 * level) if strong else aug.color_jitter
+    jitter_p = 0.8 if strong else aug.color_jitter_p
+    ops: list[Any] = [RandGaussianNoised(keys="image", prob=0.5, std=4.0 if strong else 2.0)]
+    if cj > 0 and jitter_p > 0:
+        ops += [RandScaleIntensityd(keys="image", factors=cj / 2, prob=jitter_p),
+                RandShiftIntensityd(keys="image", offsets=cj * 64.0, prob=jitter_p)]
+    ops.append(RandAffined(keys="image", prob=1.0, rotate_range=np.pi / 6 * level,
+                           scale_range=((zoom_in, 0.1), (zoom_in, 0.1)), translate_range=(0.1 * source, 0.1 * source),
+                           mode="bilinear", padding_mode="zeros"))
+    if aug.hflip:
+        ops.append(RandFlipd(keys="image", prob=0.5, spatial_axis=1))
+    if aug.vflip:
+        ops.append(RandFlipd(keys="image", prob=0.5, spatial_axis=0))
+    ops.append(Resized(keys="image", spatial_size=(data_cfg.image_size,) * 2, mode="bilinear"))
+    return Compose(ops)
+
+
+class CtViewTransform:
+    """CT training views with MONAI dictionary transforms: uint8 HWC -> [V, 3, H, W] (see `_ct_view`).
+
+    Same contract as `ViewTransform` (uint8 out unless `normalize`, `norm`, `n_views`) and the same
+    determinism: view v of cache row r at epoch e is a pure function of (seed, e, r, v): the view's
+    seed from `sample_seeds` starts one RandomState that every random op of the view draws from in
+    turn (one generator, not MONAI's one-per-op `Compose.set_random_state`: 12 generator
+    constructions cost more than the view). MONAI's metadata tracking is off while a view is made
+    (plain tensors; 3x less overhead) and restored after.
+    """
+
+    def __init__(self, data_cfg: DataConfig, norm: dict[str, Any], n_views: int, normalize: bool = False):
+        if n_views < 1:
+            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        self.data_cfg = data_cfg
+        self._n_views = int(n_views)
+        mean, std = _mean_std(norm)
+        self.norm = {"mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std)}
+        self.normalize = normalize
+        self.stack = True
+        self._views: dict[int, list[Any]] = {}  # by the cache's image side (built on first use)
+
+    @property
+    def n_views(self) -> int:
+        return self._n_views
+
+    def views_for(self, source: int) -> list[Any]:
+        """The view pipelines for images of side `source`: [strong, contrastive, ...]."""
+        if source not in self._views:
+            self._views[source] = [_ct_view(self.data_cfg, v == 0, source) for v in range(self._n_views)]
+        return self._views[source]
+
+    def __call__(self, image: np.ndarray, seed: int | None = None, epoch: int = 0, index: int = 0) -> Tensor:
+        from monai.data import get_track_meta, set_track_meta
+        from monai.transforms import Randomizable
+
+        image = _as_rgb(image)
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+        seeds = sample_seeds(seed, epoch, index, self._n_views) if seed is not None else [None] * self._n_views
+        out = []
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            for compose, view_seed in zip(self.views_for(max(image.shape[:2])), seeds):
+                state = np.random.RandomState(None if view_seed is None else int(view_seed))
+                for op in compose.transforms:
+                    if isinstance(op, Randomizable):
+                        op.set_random_state(state=state)
+                y = torch.as_tensor(compose({"image": x})["image"])
+                out.append(y.clamp_(0, 255).round_().to(torch.uint8))
+        finally:
+            set_track_meta(tracking)
+        views = torch.stack(out)
+        return normalize_on_device(views, self.norm) if self.normalize else views
+
+
+def ct_train_transform(data_cfg: DataConfig, norm: dict[str, Any], n_views: int, normalize: bool = False) -> CtViewTransform:
+    """Training views for a CT cache (`cache.kind == "ct"`): [strong] or [strong, contrastive, ...]."""
+    return CtViewTransform(data_cfg, norm, n_views, normalize=normalize)
+
+
 def eval_transform(data_cfg: DataConfig, norm: dict[str, Any]) -> ViewTransform:
     """Deterministic evaluation transform: uint8 HWC -> float32 [3, image_size, image_size].
 
@@ -403,7 +502,16 @@ def create_train_loader(cache: Any, data_cfg: DataConfig, train_cfg: TrainConfig
             f"(train.batch_size={train_cfg.batch_size} x {world_size} process(es)). Lower train.batch_size."
         )
     sampler = EpochTaggedSampler(create_sampler(train_cfg.sampler, labels, seed, rank=rank, world_size=world_size), epoch)
-    dataset = CacheDataset(cache, rows, train_transform(data_cfg, norm, n_views), seed=seed, epoch=epoch)
+    if getattr(cache, "kind", "") == "ct":
+        views: Any = ct_train_transform(data_cfg, norm, n_views)
+        # built here, before the workers fork: each worker building its own MONAI transforms allocated
+        # enough to run the garbage collector there, which then finalised a previous loader's iterator
+        # inherited from the parent ("can only test a child process" noise between two trainings, seen in
+        # `ecl demo --modality ct`)
+        views.views_for(max(cache.image(int(rows[0])).shape[:2]))
+    else:
+        views = train_transform(data_cfg, norm, n_views)
+    dataset = CacheDataset(cache, rows, views, seed=seed, epoch=epoch)
     return DataLoader(dataset, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True, **_loader_kwargs(data_cfg))
 
 

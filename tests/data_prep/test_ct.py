@@ -1,4 +1,4 @@
-"""Resampling, world/voxel conversion, lesion cubes, lung sampling and 2D channel modes."""
+"""HU windows, lung sampling, slice offsets and 2D channel modes (resampling and crops: test_ct_transforms.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.ct import (WINDOWS, apply_window, crop_cube, cube_size, lesion_cube, lung_mask, lung_sample_points,
-                          planes_2d, resample_isotropic, slice_offsets)
+from data_prep.ct import WINDOWS, apply_window, lung_mask, lung_sample_points, plane_stack, planes_2d, slice_offsets
+from data_prep.ct_transforms import lesion_crop, resample, resample_transforms, to_monai
 from data_prep.dicom import Volume, load_series
 from data_prep.errors import DataPrepError
 from data_prep.synthetic.ct import generate_ct
@@ -25,23 +25,8 @@ def volumes(cohort):
     out = []
     for i, row in labels.iterrows():
         vol = load_series(cohort["images"] / f"case_{i:03d}")
-        out.append((row, vol, resample_isotropic(vol, 1.0)))
+        out.append((row, vol, resample(vol, 1.0)))
     return out
-
-
-def test_resample_isotropic_keeps_world_coordinates():
-    # a field linear in world coordinates is reproduced exactly by linear interpolation
-    direction = np.array([[-1.0, 0, 0], [0, 1, 0], [0, 0, -1]])  # flipped x and z axes
-    vol = Volume(array=np.zeros((10, 12, 14), np.float32), spacing=(2.5, 0.7, 0.8), origin=(30.0, -20.0, 100.0), direction=direction)
-    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij")
-    world = np.asarray(vol.origin)[:, None] + direction @ np.stack([ii.ravel() * 0.8, jj.ravel() * 0.7, kk.ravel() * 2.5])
-    vol.array[...] = (world[0] + 2 * world[1] + 3 * world[2]).reshape(vol.shape)
-    iso = resample_isotropic(vol, 1.0)
-    assert iso.spacing == (1.0, 1.0, 1.0) and iso.origin == vol.origin
-    assert iso.shape == (23, 8, 11)  # floor((n - 1) * old / new) + 1
-    for kji in [(0, 0, 0), (5, 3, 7), (22, 7, 10)]:
-        x, y, z = iso.index_to_world(kji)
-        assert iso.array[kji] == pytest.approx(x + 2 * y + 3 * z, abs=1e-3)
 
 
 def test_world_to_index_inverts_index_to_world():
@@ -49,35 +34,6 @@ def test_world_to_index_inverts_index_to_world():
                  direction=np.array([[0, 1.0, 0], [1.0, 0, 0], [0, 0, 1]]))
     assert vol.index_to_world((1, 2, 4)) == pytest.approx([1.0 + 1.0, 2.0 + 1.0, 3.0 + 2.0])
     assert vol.world_to_index([2.0, 3.0, 5.0]) == pytest.approx([1, 2, 4])
-
-
-def test_lesion_cube_centre_voxel_is_the_nodule(volumes):
-    for row, vol, iso in volumes:
-        cube, centre = lesion_cube(iso, (row.center_x_mm, row.center_y_mm, row.center_z_mm), 32.0, "case")
-        n = cube_size(32.0, 1.0)
-        assert cube.shape == (n, n, n) == (33, 33, 33)
-        c = n // 2
-        assert cube[c, c, c] == iso.array[centre]
-        expected = iso.world_to_index((row.center_x_mm, row.center_y_mm, row.center_z_mm))
-        assert np.abs(np.asarray(centre) - expected).max() <= 0.5 + 1e-9
-        hu = float(cube[c - 1:c + 2, c - 1:c + 2, c - 1:c + 2].mean())  # 3 mm neighbourhood, beats the noise
-        lo, hi = {"solid": (-150, 150), "part_solid": (-250, 150), "ground_glass": (-750, -420), "calcified_benign": (250, 1000)}[row.label]
-        assert lo < hu < hi, (row.label, hu)
-
-
-def test_lesion_cube_outside_volume_names_series(volumes):
-    row, vol, iso = volumes[0]
-    with pytest.raises(DataPrepError, match=r"series S-123: lesion centre \(.*\) mm lies outside the volume"):
-        lesion_cube(iso, (row.center_x_mm, row.center_y_mm, row.center_z_mm + 500.0), 32.0, "series S-123")
-
-
-def test_crop_cube_pads_with_air_outside():
-    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
-    cube = crop_cube(arr, (0, 0, 0), 5)
-    assert cube[2, 2, 2] == arr[0, 0, 0]
-    np.testing.assert_array_equal(cube[2:, 2:, 2:], arr[:3, :3, :3])
-    assert (cube[:2] == -1000).all() and (cube[:, :2] == -1000).all()
-    assert (crop_cube(arr, (50, 50, 50), 3) == -1000).all()
 
 
 def test_apply_window_maps_bounds():
@@ -88,8 +44,8 @@ def test_apply_window_maps_bounds():
 
 @pytest.mark.parametrize("mode", ["windows", "adjacent", "orthogonal"])
 def test_planes_2d_shape_and_dtype(volumes, mode):
-    row, _, iso = volumes[0]
-    cube, _ = lesion_cube(iso, (row.center_x_mm, row.center_y_mm, row.center_z_mm), 48.0, "case")
+    row, vol, _ = volumes[0]
+    cube, _ = lesion_crop(resample_transforms(1.0)(to_monai(vol)), (row.center_x_mm, row.center_y_mm, row.center_z_mm), 48.0, 1.0, "case")
     img = planes_2d(cube, 0, mode, 40)
     assert img.shape == (40, 40, 3) and img.dtype == np.uint8
     assert img.std() > 5  # not blank
@@ -110,6 +66,7 @@ def test_planes_2d_channels_are_the_documented_planes():
     np.testing.assert_array_equal(ortho[..., 2], apply_window(cube[::-1, :, 4], WINDOWS["lung"]))
     with pytest.raises(ValueError, match="channels must be one of"):
         planes_2d(cube, 0, "rgb", 9)
+    assert plane_stack(cube, 1, "windows", 9).shape == (1, 9, 9) and plane_stack(cube, 0, "orthogonal", 9).shape == (3, 9, 9)
 
 
 def test_lung_mask_and_samples_inside_lungs(volumes):

@@ -199,3 +199,60 @@ def test_fast_color_jitter_hue_turns_like_hsv_and_keeps_gray():
     h_in = cv2.cvtColor(img[:1, :1], cv2.COLOR_RGB2HSV_FULL)[0, 0, 0]
     h_out = cv2.cvtColor(out[:1, :1].astype(np.uint8), cv2.COLOR_RGB2HSV_FULL)[0, 0, 0]
     assert 0 < int(h_out) - int(h_in) < 40  # turned towards yellow by roughly 0.08 * 256 = 20
+
+
+# ---- CT caches: MONAI views over the 2.5D stack ----
+
+def _ct_stack(rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """Three different smooth textures (adjacent-slice-like) as one uint8 HWC image."""
+    import cv2
+
+    planes = [cv2.GaussianBlur(rng.uniform(0, 255, (size, size)).astype(np.float32), (0, 0), 2.0) for _ in range(3)]
+    return np.clip((np.stack(planes, -1) - 128) * 4 + 128, 0, 255).astype(np.uint8)
+
+
+def test_ct_views_are_seeded_per_sample_and_view():
+    from pipeline.data import CtViewTransform, ct_train_transform
+
+    t = ct_train_transform(_data_cfg(), NORM, 3)
+    assert isinstance(t, CtViewTransform) and t.n_views == 3
+    img = _ct_stack(np.random.default_rng(0))
+    a = t(img, seed=5, epoch=1, index=7)
+    assert a.shape == (3, 3, SIZE, SIZE) and a.dtype == torch.uint8
+    assert torch.equal(a, ct_train_transform(_data_cfg(), NORM, 3)(img, seed=5, epoch=1, index=7))  # a fresh transform too
+    for other in (dict(seed=6, epoch=1, index=7), dict(seed=5, epoch=2, index=7), dict(seed=5, epoch=1, index=8)):
+        assert not torch.equal(a, t(img, **other)), other
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])  # views differ
+
+
+def test_ct_views_move_the_three_slices_together():
+    # channel k of the augmented stack (P0, P1, P2) equals channel k of the augmented (Pk, Pk, Pk) under the
+    # same seed: one spatial transform (and one intensity change) for all three, no mixing of channels
+    from pipeline.data import ct_train_transform
+
+    t = ct_train_transform(_data_cfg(), NORM, 2)
+    img = _ct_stack(np.random.default_rng(1))
+    for index in range(6):
+        got = t(img, seed=3, epoch=0, index=index)
+        for k in range(3):
+            alone = t(np.repeat(img[..., k:k + 1], 3, axis=2), seed=3, epoch=0, index=index)
+            assert torch.equal(got[:, k], alone[:, k]), (index, k)
+        # and the transform is not the identity: the view moved away from the resized input
+        resized = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(SIZE, SIZE),
+                                                  mode="bilinear")[0]
+        assert (got[0].float() - resized).abs().mean() > 10
+
+
+def test_ct_cache_trains_on_monai_views(make_cache):
+    from pipeline.data import CtViewTransform
+
+    rng = np.random.default_rng(2)
+    images = [_ct_stack(rng, 48) for _ in range(16)]
+    cache = make_cache(images, ["a", "b"] * 8, ["train"] * 16, ["a", "b"], kind="ct")
+    loader = create_train_loader(cache, _data_cfg(), _train_cfg(), n_views=3, norm=NORM, epoch=0)
+    assert isinstance(loader.dataset.transform_views, CtViewTransform)
+    x, y, rows = next(iter(loader))
+    assert x.shape == (8, 3, 3, SIZE, SIZE) and x.dtype == torch.uint8
+    # the same views from two worker processes (MONAI in forked workers, seeds per sample)
+    again, _, rows2 = next(iter(create_train_loader(cache, _data_cfg(2), _train_cfg(), n_views=3, norm=NORM, epoch=0)))
+    assert torch.equal(rows, rows2) and torch.equal(x, again)
