@@ -168,7 +168,10 @@ def build_cache(cohort: Cohort, decode: Decode, out_dir: str | Path, options: Pr
         if workers == 1:
             _store(map(_decode_shard, jobs), cohort, writer, options, bar)
         else:
-            with multiprocessing.get_context().Pool(workers) as pool:
+            # forkserver, not fork: the parent may already have run torch/OpenMP (MONAI's resampling, an
+            # earlier cache in the same process), and a forked child of a process that used OpenMP can
+            # hang in its first parallel region. Jobs and `decode` are picklable for this reason.
+            with multiprocessing.get_context("forkserver").Pool(workers) as pool:
                 _store(pool.imap(_decode_shard, jobs), cohort, writer, options, bar)
 
     item_ok = np.ones(n_items, dtype=bool)
