@@ -133,7 +133,7 @@ def ensure_experiment(uri: str, name: str) -> str:
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         with _store_lock(uri):
-            mlflow.set_tracking_uri(uri)
+            _use_store(mlflow, uri)
             exp = mlflow.get_experiment_by_name(name)
             if exp is not None:
                 return exp.experiment_id
@@ -296,17 +296,33 @@ def registered_model_run_id(uri: str, model_uri: str) -> str:
     return str(mv.run_id)
 
 
+def _use_store(mlflow: Any, uri: str) -> None:
+    """Point mlflow's fluent API at `uri` without leaving it in $MLFLOW_TRACKING_URI.
+
+    Why: `mlflow.set_tracking_uri` also writes the environment variable, which
+    `pipeline.store.resolve_store` reads as the user's choice; after one tracked call, every later
+    store resolution in the process (evaluating another run, comparing runs) would follow the store
+    used last instead of the checkpoint's own.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def get_run(uri: str, run_id: str) -> Any:
     """The mlflow Run (params, metrics, tags, artifact_uri)."""
     check_reachable(uri)
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(uri)
+    _use_store(mlflow, uri)
     return mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
 
 
 def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(uri)
+    _use_store(mlflow, uri)
     Path(dst).mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
 

@@ -158,6 +158,7 @@ def test_a_folder_given_as_config_file_is_named_as_such(tmp_path, capsys):
     assert f"{tmp_path} is a folder, not a file" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4 in the checkpoint:UserWarning")  # the bytes planted below
 def test_an_unreadable_checkpoint_gets_no_unsafe_loading_advice(tmp_path, capsys):
     """torch's message suggests weights_only=False; for a file of unknown origin we never pass that on."""
     bad = tmp_path / "model.pt"

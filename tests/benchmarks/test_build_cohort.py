@@ -104,7 +104,8 @@ def test_build_cohort_counts_splits_and_pixels(tmp_path: Path, source: Path):
     seen_train = set()
     for row in manifest:
         split = splits[row["image"]]
-        pixels = np.asarray(Image.open(tmp_path / "out" / row["image"]))
+        with Image.open(tmp_path / "out" / row["image"]) as im:
+            pixels = np.asarray(im)
         assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
         assert CLASS_NAMES[pixels[0, 0] // 20] == row["label"]  # the label written is the image's own
         index = int(Path(row["image"]).stem[2:])

@@ -119,7 +119,8 @@ def test_load_image_file_color_constancy_uint8(tmp_path):
 def test_16_bit_png_is_scaled_not_saturated(tmp_path):
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
     Image.fromarray(ramp).save(tmp_path / "r.png")
-    assert Image.open(tmp_path / "r.png").mode.startswith("I")
+    with Image.open(tmp_path / "r.png") as im:
+        assert im.mode.startswith("I")
     out = load_image_file(tmp_path / "r.png", short_side=64)
     expected = np.clip(np.rint(ramp / 257.0), 0, 255).astype(np.uint8)
     assert out.shape == (64, 64, 3)

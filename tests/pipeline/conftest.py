@@ -6,6 +6,8 @@ contract. Images have different sizes and aspect ratios, as real prepared caches
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,6 +16,33 @@ import pandas as pd
 import pytest
 
 from data_prep import CacheWriter, open_cache
+
+def _register_evalkit() -> None:
+    """Make tests/pipeline/_evalkit.py (tiny trained runs) importable as `_evalkit` by the test modules here.
+
+    Why here: the tests folder is not a package (pytest's importlib mode), and every module loading
+    the kit by path gave each its own copy; conftest runs first, so one module object serves all.
+    """
+    if "_evalkit" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_evalkit"] = module
+        spec.loader.exec_module(module)
+
+
+_register_evalkit()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tiny runs: on 2 shared cores, two threads contend and run much slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 CLASS_NAMES = ["MEL", "NV", "BCC"]
 # Imbalanced like ISIC: per split, images per class

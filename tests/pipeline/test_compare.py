@@ -1,7 +1,6 @@
 """Tests of `ecl compare` (pipeline/compare.py): CIs, paired bootstrap, HTML and MLflow run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,9 +11,7 @@ import torch
 
 from pipeline import metrics, stats
 
-_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-evalkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evalkit)
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
 NAMES = ["A", "B", "C"]
 
@@ -144,7 +141,7 @@ def test_compare_asks_to_evaluate_a_run_without_predictions(tmp_path):
         assert not (run_dir / "eval-test").exists()  # nothing was evaluated behind the user's back
         from pipeline.checkpoint import load_checkpoint
 
-        run_id = load_checkpoint(run_dir / "checkpoint-best.pt")["mlflow_run_id"]
+        run_id = load_checkpoint(run_dir / "checkpoint-best.pt").mlflow_run_id
         with pytest.raises(PipelineError, match=f"run {run_id} has no predictions on the val split; run "
                                                 f"`ecl evaluate --run {run_id} --split val` first"):
             run_compare([str(prior_dir), run_id], tracking_uri=uri, split="val", out_dir=tmp_path / "cmp")

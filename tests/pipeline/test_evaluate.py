@@ -1,7 +1,6 @@
 """Tests of `ecl evaluate` (pipeline/evaluate.py) on a tiny trained model and generated caches."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,18 +14,8 @@ from data_prep import file_sha256
 
 from pipeline import calibration, metrics, stats
 
-_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-evalkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evalkit)
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: on 2 shared cores, two threads contend and run ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +191,7 @@ def test_evaluate_ct_cache_reports_patient_level(tmp_path, one_thread):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mlflow"]["run_id"] == result.run_id
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning")  # sklearn, on purpose
 def test_subgroup_analysis_counts_and_flags_small_groups():
     from pipeline.evaluate import subgroup_analysis
 

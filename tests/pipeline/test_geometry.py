@@ -240,7 +240,7 @@ def test_optimal_gram_agrees_with_projected_gradient_descent() -> None:
             v = torch.nn.functional.normalize(v - 2.0 * grad, dim=1)
     pgd = (v @ v.T).numpy()
     np.testing.assert_allclose(gram, pgd, atol=1e-4)
-    assert objective == pytest.approx(float(loss), rel=1e-7)
+    assert objective == pytest.approx(float(loss.detach()), rel=1e-7)
     assert not np.allclose(gram, g.simplex_gram(4), atol=0.05)  # imbalance moves it off the simplex
 
 

@@ -127,7 +127,6 @@ def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_pa
 
 def test_run_geometry_of_a_trained_run_matches_measure_geometry(tmp_path):
     """`ecl geometry --run` on a real checkpoint (not stand-ins): learned metrics and heat maps."""
-    import importlib.util
     from pathlib import Path
 
     import torch
@@ -139,9 +138,7 @@ def test_run_geometry_of_a_trained_run_matches_measure_geometry(tmp_path):
     from pipeline.models import model_data_config
     from pipeline.geometry_stage import run_geometry
 
-    spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-    evalkit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evalkit)
+    import _evalkit as evalkit  # registered by conftest.py
     cache_dir = evalkit.build_cache(tmp_path / "cache")
     run_dir = evalkit.make_run(cache_dir, tmp_path / "runs", None, steps=4, mlflow_run=False)
 
@@ -168,7 +165,6 @@ def test_run_geometry_of_a_trained_run_matches_measure_geometry(tmp_path):
 
 def test_run_geometry_of_a_run_without_projection_head(tmp_path):
     """ce/la runs have no projection head: only backbone geometry, and no projection claims."""
-    import importlib.util
     from pathlib import Path
 
     import torch
@@ -177,9 +173,7 @@ def test_run_geometry_of_a_run_without_projection_head(tmp_path):
     from pipeline.config import RunConfig
     from pipeline.models import create_network
 
-    spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-    evalkit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evalkit)
+    import _evalkit as evalkit  # registered by conftest.py
     cache_dir = evalkit.build_cache(tmp_path / "cache")
     run_dir = evalkit.make_run(cache_dir, tmp_path / "runs", None, steps=2, mlflow_run=False)
     ckpt = load_checkpoint(run_dir / BEST)

@@ -1,7 +1,6 @@
 """Tests of pipeline/inference.py: the one prediction loop, held against plain forward passes."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,7 @@ from pipeline.config import ModelConfig
 from pipeline.inference import Predictions, predict_loader, predict_split, predict_tensors
 from pipeline.models import create_network
 
-_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-evalkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evalkit)
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
 C = 4
 

@@ -32,6 +32,7 @@ def test_balanced_accuracy_matches_sklearn_untied(seed):
     assert M.accuracy(p, y) == pytest.approx(skm.accuracy_score(y, p.argmax(1)), abs=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning")  # sklearn, on purpose
 def test_balanced_accuracy_tied_rows_count_wrong():
     p = np.array([
         [0.5, 0.5, 0.0],   # class 0, tied with class 1 -> wrong (argmax alone would say right)
@@ -106,6 +107,7 @@ def test_expected_calibration_error_matches_loop_reference(n_bins):
     assert M.classwise_ece(p, y, n_bins) == pytest.approx(np.mean(per_class), abs=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:torch.searchsorted\\(\\)\\: input value tensor is non-contiguous:UserWarning")  # torchmetrics internals
 @pytest.mark.parametrize("seed", [0, 1])
 def test_calibration_errors_match_torchmetrics(seed):
     torch = pytest.importorskip("torch")

@@ -1,18 +1,16 @@
 """Tests of `ecl predict` (pipeline/predict.py): calibrated probabilities, ISIC CSV, unreadable files."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-evalkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evalkit)
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +211,8 @@ def test_predict_refuses_a_model_without_recorded_preprocessing(tmp_path):
     run_dir = evalkit.make_run(cache, tmp_path / "runs", None, steps=1, mlflow_run=False)
     cache.rename(tmp_path / "elsewhere")
     for ckpt in run_dir.glob("*.pt"):
-        state = load_checkpoint(ckpt)
-        state.pop("preprocessing", None)
-        save_checkpoint(ckpt, state)  # the cache is gone: nothing to record again
-        assert "preprocessing" not in load_checkpoint(ckpt)
+        save_checkpoint(ckpt, dataclasses.replace(load_checkpoint(ckpt), preprocessing=None))  # nothing to record again
+        assert load_checkpoint(ckpt).preprocessing is None
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(PipelineError, match=r"does not record how its training cache decoded images"):
         run_predict(str(run_dir), tmp_path / "a.png", out_csv=tmp_path / "p.csv")

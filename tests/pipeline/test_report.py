@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -13,9 +12,7 @@ import torch
 
 from pipeline import plots, report
 
-_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-evalkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evalkit)
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,6 @@
 deterministic choice of images, and captions free of image names."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,10 @@ from pipeline.config import ModelConfig
 from pipeline.models import create_network
 from pipeline.saliency import find_target_layer, grad_cam_maps, saliency_section, select_examples
 
-_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-evalkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evalkit)
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _hand_grad_cam(network, x: torch.Tensor, cls: int, module: torch.nn.Module) -> np.ndarray:

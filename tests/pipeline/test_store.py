@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
 import pytest
 
 from pipeline.errors import PipelineError
@@ -87,4 +88,19 @@ def test_only_the_store_module_reads_the_tracking_environment_variable():
     readers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pipeline").rglob("*.py")
                      if 'environ.get("MLFLOW_TRACKING_URI")' in p.read_text(encoding="utf-8")
                      or 'environ["MLFLOW_TRACKING_URI"]' in p.read_text(encoding="utf-8"))
-    assert readers == ["pipeline/store.py"]
+    # tracking.py only puts back what mlflow.set_tracking_uri overwrote (tracking._use_store)
+    assert readers == ["pipeline/store.py", "pipeline/tracking.py"]
+    tracking_src = (ROOT / "pipeline" / "tracking.py").read_text(encoding="utf-8")
+    assert tracking_src.count('environ.get("MLFLOW_TRACKING_URI")') == 1
+
+
+def test_a_tracked_call_leaves_the_environment_variable_as_it_was(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; left there it would outrank every checkpoint's store."""
+    from pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.ensure_experiment(f"sqlite:///{tmp_path}/a.db", "x")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mine.db")
+    tracking.ensure_experiment(f"sqlite:///{tmp_path}/b.db", "x")
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mine.db"

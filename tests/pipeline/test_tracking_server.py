@@ -7,7 +7,6 @@ sqlite backend and an artifact folder in the test's temporary directory; every w
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -21,9 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("_evalkit", Path(__file__).with_name("_evalkit.py"))
-evalkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evalkit)
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
 
 

@@ -5,8 +5,8 @@ PYTHONPATH and once with the new, on the same work folder (the tiny runs are bui
 and reused), then compare the two snapshot folders; only the time of evaluation, the git commit and
 the package version are blanked, everything else must be byte-identical.
 
-    PYTHONPATH=/work/main python scripts/eval_snapshot.py WORK before
-    PYTHONPATH=$PWD       python scripts/eval_snapshot.py WORK after
+    PYTHONPATH=BEFORE_CHECKOUT python benchmarks/eval_snapshot.py WORK before
+    PYTHONPATH=$PWD          python benchmarks/eval_snapshot.py WORK after
     diff -r WORK/snap-before WORK/snap-after
 """
 from __future__ import annotations
