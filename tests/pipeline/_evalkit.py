@@ -1,7 +1,7 @@
 """Shared builders for the evaluation-stage tests: a tiny cache and a tiny trained run.
 
-Loaded by tests/pipeline/test_{evaluate,report,predict,compare,tracking_server}.py through
-`load_evalkit()` (pytest's importlib mode gives test files no package to import from).
+Registered as the module `_evalkit` by tests/pipeline/conftest.py (pytest's importlib mode gives
+test files no package to import from); `write_cache` is the tests' one synthetic-cache writer.
 
 The cache is generated here with `data_prep.CacheWriter` (seeded, colour-coded classes, ISIC-like
 metadata columns) so the tests do not depend on the preparation stage; class DF has training and
@@ -20,10 +20,31 @@ COUNTS = {"MEL": (10, 6, 8), "NV": (20, 8, 12), "BCC": (8, 5, 6), "DF": (4, 3, 0
 _COLOURS = {"MEL": (60, 30, 20), "NV": (150, 100, 70), "BCC": (200, 160, 170), "DF": (110, 140, 90)}
 
 
-def build_cache(out_dir: Path, seed: int = 0, kind: str = "dermoscopy", size: int = 24) -> Path:
-    """Write a finished cache: colour-coded noisy squares, sex/age/site metadata, 2 images per group."""
+def write_cache(out_dir: Path, images: list[np.ndarray], manifest: pd.DataFrame, class_names: list[str],
+                kind: str = "dermoscopy", shard_size: int | None = None, build_key: str | None = None,
+                preprocessing: dict | None = None) -> Path:
+    """The one synthetic-cache writer of the tests: images + manifest through `data_prep.CacheWriter`.
+
+    Why one: every test cache is finished the way `data_prep.build` finishes a real one (shards,
+    manifest, cache.json with kind and class names), so a change to the cache contract is made here once.
+    """
     from data_prep import CacheWriter
 
+    size = shard_size or max(len(images), 1)
+    writer = CacheWriter(out_dir, build_key=build_key or f"test-{len(images)}-{kind}")
+    writer.start()
+    n_shards = 0
+    for k, start in enumerate(range(0, len(images), size)):
+        writer.write_shard(k, list(images[start:start + size]))
+        n_shards = k + 1
+    meta = {"kind": kind, "class_names": list(class_names)}
+    if preprocessing is not None:
+        meta["preprocessing"] = preprocessing
+    return writer.finalize(manifest, n_shards, meta)
+
+
+def build_cache(out_dir: Path, seed: int = 0, kind: str = "dermoscopy", size: int = 24) -> Path:
+    """Write a finished cache: colour-coded noisy squares, sex/age/site metadata, 2 images per group."""
     rng = np.random.default_rng(seed)
     rows, images = [], []
     k = 0
@@ -47,14 +68,11 @@ def build_cache(out_dir: Path, seed: int = 0, kind: str = "dermoscopy", size: in
         images.append(rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8))
         rows.append({"image": f"UNL_{j}", "label": "", "split": "test", "group": f"U{j}", "age_approx": np.nan,
                      "anatom_site_general": "", "sex": "", **({"patient": f"PU{j}"} if kind == "ct" else {})})
-    writer = CacheWriter(out_dir, build_key=f"evalkit-{seed}-{kind}")
-    writer.start()
-    writer.write_shard(0, images)
     manifest = pd.DataFrame(rows)
     manifest["label"] = manifest["label"].replace("", np.nan)
     # as data_prep.build records it: the images were decoded to this short side
-    preprocessing = {"kind": kind, "short_side": size, "color_constancy": False}
-    return writer.finalize(manifest, 1, {"kind": kind, "class_names": CLASSES, "preprocessing": preprocessing})
+    return write_cache(out_dir, images, manifest, CLASSES, kind, build_key=f"evalkit-{seed}-{kind}",
+                       preprocessing={"kind": kind, "short_side": size, "color_constancy": False})
 
 
 def tiny_config(cache: Path, out: Path, uri: str, method: str = "ce", run_name: str = "tiny", epochs: int = 1,

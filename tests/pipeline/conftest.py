@@ -1,4 +1,4 @@
-"""Fixtures for pipeline tests: tiny dermoscopy-like caches written with data_prep.CacheWriter.
+"""Fixtures for pipeline tests: tiny dermoscopy-like caches (written by `_evalkit.write_cache`).
 
 Built directly from seeded numpy images (a skin-toned background with a darker, class-coloured
 blob), independent of the synthetic cohort generator, so data-layer tests only depend on the cache
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep import CacheWriter, open_cache
+from data_prep import open_cache
 
 def _register_evalkit() -> None:
     """Make tests/pipeline/_evalkit.py (tiny trained runs) importable as `_evalkit` by the test modules here.
@@ -65,20 +65,16 @@ def lesion_image(rng: np.random.Generator, label: int, h: int, w: int) -> np.nda
 
 def write_cache(out_dir: Path, images: Sequence[np.ndarray], labels: Sequence[str], splits: Sequence[str],
                 class_names: Sequence[str], kind: str = "dermoscopy", shard_size: int = 16) -> Path:
-    """Write a finished cache with CacheWriter (several shards) and return its folder."""
-    writer = CacheWriter(out_dir, build_key=f"test-{len(images)}-{kind}")
-    writer.start()
-    n_shards = 0
-    for k, start in enumerate(range(0, len(images), shard_size)):
-        writer.write_shard(k, list(images[start : start + shard_size]))
-        n_shards = k + 1
+    """A finished cache (several shards) of these images, through `_evalkit.write_cache`; returns its folder."""
+    import _evalkit
+
     manifest = pd.DataFrame({
         "image": [f"IMG_{i:05d}" for i in range(len(images))],
         "label": list(labels),
         "split": list(splits),
         "group": [f"g{i // 2}" for i in range(len(images))],
     })
-    return writer.finalize(manifest, n_shards, dict(kind=kind, class_names=list(class_names)))
+    return _evalkit.write_cache(out_dir, list(images), manifest, list(class_names), kind, shard_size=shard_size)
 
 
 @pytest.fixture(scope="session")

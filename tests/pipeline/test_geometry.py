@@ -335,7 +335,7 @@ def _independent_optimum(p: np.ndarray, k: int, tau: float, mode: str, seeds=(10
         gm = u @ u.T
         loss = (ws * torch.log1p(torch.exp((gm[ys[:, None], cs] - 1) / tau).sum(1))).sum() / unit
         (grad,) = torch.autograd.grad(loss, v)
-        return float(loss), grad.numpy().ravel()
+        return float(loss.detach()), grad.numpy().ravel()
 
     best = math.inf
     for seed in seeds:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_run_geometry_run_ref_uses_contracts_and_writes_pngs(monkeypatch, tmp_pa
     assert out["metrics"]["backbone/FC"] == pytest.approx(direct["FC"], rel=1e-6)
     assert out["metrics"]["backbone/self_duality"] == pytest.approx(direct["self_duality"], rel=1e-6)
     for path in out["figures"].values():
-        assert open(path, "rb").read().startswith(PNG_SIGNATURE)
+        assert Path(path).read_bytes().startswith(PNG_SIGNATURE)
     assert (tmp_path / "geometry-val-gram-projection.png").exists()
     assert "Learned geometry of runs/x on the val split" in capsys.readouterr().out
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from data_prep import CacheWriter
+import _evalkit as evalkit  # registered by conftest.py
 from pipeline import tracking
 from pipeline.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, load_checkpoint
 from pipeline.config import load_config
@@ -37,10 +37,7 @@ def make_cache(out: Path, counts=(12, 8, 8), size: int = 36, seed: int = 0, name
             images.append(im)
             split = "train" if n < 4 else ["train", "train", "val", "test"][i % 4]
             rows.append(dict(image=f"img{k}_{i}", label=names[k], split=split, group=f"g{k}_{i}"))
-    writer = CacheWriter(out, f"{seed:032d}")
-    writer.start()
-    writer.write_shard(0, images)
-    return writer.finalize(pd.DataFrame(rows), 1, {"kind": "dermoscopy", "class_names": list(names)})
+    return evalkit.write_cache(out, images, pd.DataFrame(rows), list(names), build_key=f"{seed:032d}")
 
 
 def tiny_cfg(cache: Path, out: Path, run_name: str, *extra: str):
