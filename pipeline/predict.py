@@ -110,6 +110,11 @@ def preprocessing_of(tm: Any) -> ImagePreprocessing:
             cache = None
         if cache is not None:
             pre = preprocessing_from_meta(cache.meta)
+            if not (pre and pre.get("short_side")):
+                raise PipelineError(
+                    f"{tm.checkpoint_path}: neither the checkpoint nor its training cache {cache_dir} records how "
+                    f"images were decoded (a cache written without `ecl prepare`). Rebuild the cache with "
+                    f"`ecl prepare` and retrain, so the checkpoint records its preprocessing.")
     if not (pre and pre.get("short_side")):
         raise PipelineError(
             f"{tm.checkpoint_path}: the checkpoint does not record how its training cache decoded images, and that "

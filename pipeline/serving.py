@@ -223,7 +223,12 @@ def log_servable(tm: Any, uri: str, run_id: str) -> str | None:
     from . import tracking
     from .predict import preprocessing_of
 
-    if preprocessing_of(tm).kind == "ct":
+    try:
+        kind = preprocessing_of(tm).kind
+    except PipelineError as exc:  # the evaluation stands; only the servable model cannot be made
+        tracking.set_tags({"ecl.servable": f"not logged: {exc}"[:5000]})
+        return None
+    if kind == "ct":
         tracking.set_tags({"ecl.servable": "not logged: CT models are not served (see pipeline/serving.py)"})
         return None
     from .checkpoint import read_calibration

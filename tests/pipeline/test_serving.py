@@ -260,3 +260,22 @@ def test_evaluated_run_that_was_registered_gets_a_servable_version(tracked, tmp_
     meta = json.loads((folder / "data" / "classifier" / "servable.json").read_text())
     assert meta["temperature"] == pytest.approx(2.2) and meta["preprocessing"] == DECODING
     assert (folder / "code" / "pipeline" / "serving.py").is_file()  # the code travels with the version
+
+
+def test_evaluation_completes_when_no_servable_can_be_made(tmp_path, one_thread):
+    """A cache written without `ecl prepare` records no decoding: evaluate still finishes and says why no model."""
+    from mlflow import MlflowClient
+
+    from pipeline.evaluate import run_evaluate
+
+    built = evalkit.build_cache(tmp_path / "built", seed=6)
+    from data_prep import open_cache
+
+    c = open_cache(built)
+    bare = evalkit.write_cache(tmp_path / "bare", [c.image(i) for i in range(len(c))], c.manifest, c.class_names)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_dir = evalkit.make_run(bare, tmp_path / "runs", uri, steps=2)
+    result = run_evaluate(str(run_dir), split="test", n_bootstrap=100, echo=False)
+    tag = MlflowClient(tracking_uri=uri).get_run(result.run_id).data.tags["ecl.servable"]
+    assert tag.startswith("not logged: ") and "records how images were decoded" in tag
+    assert result.report_path.is_file()
