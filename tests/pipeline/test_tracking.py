@@ -37,12 +37,15 @@ def test_dead_server_is_refused_by_the_probe_within_seconds():
 def test_two_processes_creating_one_new_store_at_once(tmp_path):
     """Both must succeed: MLflow's schema migration of a new sqlite store races without the lock."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = ("import sys, time; from pipeline import tracking; import mlflow\n"
-            "t = float(sys.argv[2])\nwhile time.time() < t: time.sleep(0.005)\n"
+    # both import mlflow first, say so with a file, and start together when both files exist
+    code = ("import sys, time, pathlib; from pipeline import tracking; import mlflow\n"
+            "gate = pathlib.Path(sys.argv[2]); (gate / sys.argv[3]).touch()\n"
+            "while len(list(gate.iterdir())) < 2: time.sleep(0.002)\n"
             "print(tracking.ensure_experiment(sys.argv[1], 'race'))\n")
-    start = time.time() + 8  # both import mlflow first, then start together
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(gate), str(k)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     ids = {out.strip().splitlines()[-1] for out, _ in outs}
