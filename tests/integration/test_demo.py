@@ -12,8 +12,16 @@ from pipeline.demo import run_demo
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """One demo run for the module; its terminal output is kept as `demo.printed`."""
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(out=out, n_images=240, epochs=2, seed=0)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = run_demo(out=out, n_images=240, epochs=2, seed=0)
+    result.printed = buf.getvalue()
+    return result
 
 
 def test_demo_writes_reports_and_headline(demo, capsys):
@@ -61,11 +69,9 @@ def test_stage_line_sums_the_stages():
     assert line == "seconds per stage: generate 1.2, train ECL 30.0, compare 2.0, total 33.2"
 
 
-def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
-    again = run_demo(out=demo.out, n_images=240, epochs=1, seed=0)
-    out = capsys.readouterr().out
-    assert "cohort already generated" in out and "up to date" in out
-    assert set(again.runs) == {"ecl", "ce"}
+def test_demo_prints_every_stage_table(demo):
+    out = demo.printed
+    assert set(demo.runs) == {"ecl", "ce"}
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     # evaluate's and compare's own tables: headline with CI, operating points, ECE before/after, selective
     assert "sens@spec90" in out and "ECE before scaling" in out and "at 80% coverage" in out
@@ -74,6 +80,19 @@ def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
     from pipeline.demo import ONE_SEED_CAVEAT
 
     assert ONE_SEED_CAVEAT in out  # the headline says what one seed can and cannot show
+
+
+def test_demo_rerun_reuses_cohort_and_cache(demo, capsys):
+    """A second `ecl demo` in the same folder regenerates and re-prepares nothing (its first two stages)."""
+    from pipeline.config import load_config
+    from pipeline.demo import _generate, _prepare, demo_config_path
+
+    paths = _generate("dermoscopy", demo.out, 240, 0)
+    cfg = load_config(demo_config_path("dermoscopy"), ["prepare.split_seed=0"])
+    cache = _prepare("dermoscopy", cfg, paths, demo.out / "cache", 0)
+    out = capsys.readouterr().out
+    assert "cohort already generated" in out and "cache up to date" in out
+    assert cache == (demo.out / "cache").resolve() or cache == demo.out / "cache"
 
 
 def test_demo_headline_prints_na_for_missing_or_nan_values():
