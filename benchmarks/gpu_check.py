@@ -90,7 +90,8 @@ def _evaluate_in(work: Path, reduced: bool) -> dict[str, Any]:
     size = 32 if reduced else 224
     sizes = [(48, 36)] if reduced else [(600, 450)]
     paths = data_prep.generate_dermoscopy(work / "cohort", n_images=n, seed=0, sizes=sizes)
-    opts = data_prep.PrepareOptions(short_side=int(size / 0.875))
+    # reduced: decode in this process (48 small images; a worker pool's start-up would dominate)
+    opts = data_prep.PrepareOptions(short_side=int(size / 0.875), workers=1 if reduced else None)
     cache_dir = data_prep.prepare_isic2019(paths["images"], paths["ground_truth"], paths["metadata"], work / "cache", opts)
     overrides = [f"data.cache={cache_dir}", f"data.image_size={size}", "method.name=ecl", "train.epochs=1",
                  f"train.output_dir={work / 'runs'}", "train.run_name=eval-check", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
@@ -98,13 +99,16 @@ def _evaluate_in(work: Path, reduced: bool) -> dict[str, Any]:
                  "model.backbone=test_resnet" if reduced else "model.backbone=resnet50",
                  "train.max_steps_per_epoch=2" if reduced else "train.max_steps_per_epoch=10",
                  "eval.n_bootstrap=100" if reduced else "eval.n_bootstrap=1000"]
-    if reduced:
-        overrides.append("train.device=cpu")
+    if reduced:  # Grad-CAM and the servable model are tested in tests/pipeline; here they only cost time
+        overrides += ["train.device=cpu", "eval.saliency_per_class=0"]
     cfg = load_config(None, overrides)
     if reduced:  # the smoke test checks this script, not MLflow's model logging (tested in tests/pipeline)
         import pipeline.train as train_mod
 
         train_mod._log_final_model = lambda *a, **k: None
+        import pipeline.serving as serving_mod
+
+        serving_mod.log_servable = lambda *a, **k: None
     run = run_train(cfg)
     t0 = time.perf_counter()
     result = run_evaluate(str(run.run_dir), split="test")
