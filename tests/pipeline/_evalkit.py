@@ -75,6 +75,20 @@ def build_cache(out_dir: Path, seed: int = 0, kind: str = "dermoscopy", size: in
                        preprocessing={"kind": kind, "short_side": size, "color_constancy": False})
 
 
+def synthetic_features(counts: list[int], d: int, spread: float, seed: int):
+    """Seeded class-clustered features for geometry tests: (h [N,d], z [N,d/2] unit rows, labels, weight, prototypes)."""
+    rng = np.random.default_rng(seed)
+    c = len(counts)
+    y = np.repeat(np.arange(c), counts)
+    means_h = rng.normal(size=(c, d)) * 2
+    h = means_h[y] + spread * rng.normal(size=(y.size, d))
+    z = np.tanh(h[:, : d // 2])
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    weight = means_h + 0.1 * rng.normal(size=(c, d))
+    protos = rng.normal(size=(c, d))
+    return h.astype(np.float32), z.astype(np.float32), y, weight, protos
+
+
 def tiny_config(cache: Path, out: Path, uri: str, method: str = "ce", run_name: str = "tiny", epochs: int = 1,
                 seed: int = 0):
     """A config that trains test_resnet for `epochs` on the tiny cache in a few seconds."""

@@ -9,20 +9,10 @@ import pytest
 from pipeline import geometry
 from pipeline.geometry_report import flat_geometry, geometry_section, two_level_reduction
 
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _synthetic(counts: list[int], d: int, spread: float, seed: int):
-    rng = np.random.default_rng(seed)
-    c = len(counts)
-    y = np.repeat(np.arange(c), counts)
-    means_h = rng.normal(size=(c, d)) * 2
-    h = means_h[y] + spread * rng.normal(size=(y.size, d))
-    z = np.tanh(h[:, : d // 2])
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    weight = means_h + 0.1 * rng.normal(size=(c, d))
-    protos = rng.normal(size=(c, d))
-    return h.astype(np.float32), z.astype(np.float32), y, weight, protos
+_synthetic = evalkit.synthetic_features
 
 
 def test_two_level_reduction_splits_at_median() -> None:

@@ -13,20 +13,10 @@ from pipeline.errors import ConfigError
 from pipeline.cli import main as ecl_main
 from pipeline.geometry_stage import run_geometry
 
+import _evalkit as evalkit  # noqa: E402  registered by conftest.py
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _synthetic(counts: list[int], d: int, spread: float, seed: int):
-    rng = np.random.default_rng(seed)
-    c = len(counts)
-    y = np.repeat(np.arange(c), counts)
-    means_h = rng.normal(size=(c, d)) * 2
-    h = means_h[y] + spread * rng.normal(size=(y.size, d))
-    z = np.tanh(h[:, : d // 2])
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    weight = means_h + 0.1 * rng.normal(size=(c, d))
-    protos = rng.normal(size=(c, d))
-    return h.astype(np.float32), z.astype(np.float32), y, weight, protos
+_synthetic = evalkit.synthetic_features
 
 
 def test_run_geometry_counts_prints_and_writes_png(tmp_path, capsys) -> None:
@@ -139,7 +129,6 @@ def test_run_geometry_of_a_trained_run_matches_measure_geometry(tmp_path):
     from pipeline.models import model_data_config
     from pipeline.geometry_stage import run_geometry
 
-    import _evalkit as evalkit  # registered by conftest.py
     cache_dir = evalkit.build_cache(tmp_path / "cache")
     run_dir = evalkit.make_run(cache_dir, tmp_path / "runs", None, steps=4, mlflow_run=False)
 
@@ -174,7 +163,6 @@ def test_run_geometry_of_a_run_without_projection_head(tmp_path):
     from pipeline.config import RunConfig
     from pipeline.models import create_network
 
-    import _evalkit as evalkit  # registered by conftest.py
     cache_dir = evalkit.build_cache(tmp_path / "cache")
     run_dir = evalkit.make_run(cache_dir, tmp_path / "runs", None, steps=2, mlflow_run=False)
     ckpt = load_checkpoint(run_dir / BEST)
