@@ -162,3 +162,50 @@ def make_run(cache: Path, out: Path, uri: str | None, run_name: str = "tiny", se
     return run_dir
 
 
+# ---------------------------------------------------------------- local servers (mlflow server, mlflow models serve)
+def free_port() -> int:
+    """A localhost port that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc, log: Path, what: str, timeout_s: float, poll_s: float = 0.25) -> None:
+    """Poll `url` until it answers 200; fail the test with the server's log if it exits or times out."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not up after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(poll_s)
+
+
+def stop_process_group(proc) -> None:
+    """SIGTERM the server's own process group (uvicorn workers included), SIGKILL if it lingers."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -9,11 +9,8 @@ import base64
 import dataclasses
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -155,12 +152,6 @@ def test_servable_needs_calibration_and_refuses_ct(served, tmp_path):
         write_servable_data(tm, tmp_path / "out-ct")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _post(port: int, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -190,7 +181,7 @@ def test_mlflow_models_serve_answers_ecl_predicts_probabilities_over_http(tracke
         assert log_servable(tm, uri, run_id) is None  # the same checkpoint and calibration: logged once
     assert MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["ecl.servable"] == f"runs:/{run_id}/servable"
 
-    port = _free_port()
+    port = evalkit.free_port()
     bindir = str(Path(sys.executable).parent)  # the server starts `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "OMP_NUM_THREADS": "1"}
@@ -202,17 +193,7 @@ def test_mlflow_models_serve_answers_ecl_predicts_probabilities_over_http(tracke
         # while it starts: what `ecl predict --model <run id>` writes for the same files
         expected = _predict_csv(run_id, served["images"], tmp_path / "pred.csv", tracking_uri=uri)
         names = list(expected.columns[1:])
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not start:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.25)
+        evalkit.wait_until_up(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log", "mlflow models serve", 240)
         rows = [[base64.b64encode(f.read_bytes()).decode("ascii")] for f in served["files"]]
         status, answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": rows}})
         assert status == 200, answer
@@ -222,12 +203,7 @@ def test_mlflow_models_serve_answers_ecl_predicts_probabilities_over_http(tracke
         status, answer = _post(port, {"dataframe_records": [{"image": rows[0][0]}, {"image": "bm90IGEgcGljdHVyZQ=="}]})
         assert status == 400 and "row 1 of the request: cannot identify image file" in answer.get("stack_trace", "")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        evalkit.stop_process_group(server)
         log.close()
 
 

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,12 +20,6 @@ import _evalkit as evalkit  # noqa: E402  registered by conftest.py
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mlflow_command() -> list[str]:
     exe = Path(sys.executable).with_name("mlflow")
     return [str(exe)] if exe.is_file() else [shutil.which("mlflow") or "mlflow"]
@@ -37,7 +27,7 @@ def _mlflow_command() -> list[str]:
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = evalkit.free_port()
     log = open(tmp_path / "server.log", "wb")
     cmd = [*_mlflow_command(), "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp_path}/db.sqlite",
@@ -47,30 +37,10 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 90 s:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        evalkit.wait_until_up(f"{url}/health", proc, tmp_path / "server.log", "mlflow server", 90, poll_s=0.5)
         yield url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (uvicorn workers included)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        evalkit.stop_process_group(proc)
         log.close()
 
 
