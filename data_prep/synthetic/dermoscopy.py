@@ -198,7 +198,8 @@ def _draw_image(label: str, look: dict, rng: np.random.Generator, size: tuple[in
     table = (look["fourier_amp"][:, None] * np.cos(k[:, None] * (table_ang[None] + rot) + look["fourier_phase"][:, None])).sum(0)
     wobble = table.astype(np.float32)[np.rint((ang + np.pi) * (1024 / (2 * np.pi))).astype(np.int32)]
     r_theta = radius * (1 + look["irregularity"] * wobble)
-    mask = 1 / (1 + np.exp(-(r_theta - dist) / (look["softness"] * s + 1e-3)))
+    with np.errstate(over="ignore"):  # far outside the lesion exp overflows to inf: the mask is then exactly 0
+        mask = 1 / (1 + np.exp(-(r_theta - dist) / (look["softness"] * s + 1e-3)))
     mask = mask.astype(np.float32)
     rel = dist / np.maximum(r_theta, 1.0)  # 0 at centre, 1 on the border
 
